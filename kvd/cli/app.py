@@ -1,0 +1,74 @@
+"""The `kvd` Typer application: built-in commands plus those registered by plugins."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from kvd.cli.errors import render_error, stderr
+from kvd.errors import KvdError
+from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
+
+
+def build_app() -> typer.Typer:
+    """A fresh app with every built-in and plugin command."""
+    from kvd.cli import check_shapes, plugins, schema, validate
+
+    app = typer.Typer(
+        name="kvd",
+        help="Distil several heterogeneous teacher LLMs into one student through their KV caches.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def _root(
+        no_plugins: bool = typer.Option(
+            False, "--no-plugins", help=f"Load no third-party plugins (like {ALLOWLIST_ENV}=)."
+        ),
+    ) -> None:
+        """kvd: multi-teacher KV-cache distillation."""
+
+    for module in (plugins, validate, schema, check_shapes):
+        module.register(app)
+    loaded = get_plugins()
+    for failure in loaded.failures:
+        stderr.print(
+            f"warning: plugin {failure.name!r} ({failure.package}) failed to load: "
+            f"{failure.error}; run `kvd plugins` for details",
+            markup=False,
+        )
+    for entry in loaded.registry("commands"):
+        app.command(entry.name)(entry.obj)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user-fixable errors are printed and turned into exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--no-plugins" in args:
+        os.environ[ALLOWLIST_ENV] = ""
+        reset_plugins()
+    try:
+        app = build_app()
+        result = app(args=args, prog_name="kvd", standalone_mode=False)
+    except KvdError as exc:
+        render_error(exc)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        stderr.print("aborted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Printing user-fixable errors: one screen, the place named, no traceback."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from kvd.errors import KvdError, SpecError
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def render_error(exc: KvdError, console: Console = stderr) -> None:
+    """Print `exc` for a person: a table of problems for a spec, else one message and a hint."""
+    if isinstance(exc, SpecError):
+        table = Table(title=f"{exc.source}: the run spec has {len(exc.problems)} problem(s)")
+        table.add_column("location", style="bold")
+        table.add_column("problem")
+        for problem in exc.problems:
+            table.add_row(problem.loc, problem.message)
+        console.print(table, markup=False)
+    else:
+        console.print(f"error: {exc.message}", markup=False)
+    if exc.hint:
+        console.print(f"hint: {exc.hint}", markup=False)

@@ -1,0 +1,144 @@
+"""The plugin manager: built-in plugins, entry-point plugins, and the registries they fill."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+import kvd
+from kvd import hookspecs
+from kvd.errors import KvdError
+from kvd.registry import Registry
+
+ENTRY_POINT_GROUP = "kvd"
+ALLOWLIST_ENV = "KVD_LOAD_PLUGINS"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "kvd.plugins.models",
+    "kvd.plugins.aligners",
+    "kvd.plugins.projectors",
+    "kvd.plugins.fusions",
+    "kvd.plugins.losses",
+    "kvd.plugins.datasets",
+)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin comes from: its registered name, distribution and version."""
+
+    name: str
+    package: str
+    version: str
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be loaded or whose hook raised; reported, never fatal to --help."""
+
+    name: str
+    package: str
+    error: str
+
+
+@dataclass
+class Plugins:
+    """A loaded plugin manager with one registry per kind."""
+
+    pm: pluggy.PluginManager
+    info: dict[str, PluginInfo]
+    failures: list[PluginFailure] = field(default_factory=list)
+    registries: dict[str, Registry[Any]] = field(default_factory=dict)
+
+    def registry(self, kind: str) -> Registry[Any]:
+        return self.registries[kind]
+
+
+def allowed_plugins() -> set[str] | None:
+    """Entry-point names allowed by KVD_LOAD_PLUGINS; None when the variable is unset (= all)."""
+    raw = os.environ.get(ALLOWLIST_ENV)
+    if raw is None:
+        return None
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def load_plugins(*, entry_points: bool = True) -> Plugins:
+    """A fresh manager: built-ins, then entry points in group `kvd` (filtered by the allowlist)."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    plugins = Plugins(pm=pm, info={})
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+        plugins.info[module_name] = PluginInfo(module_name, "kvd", kvd.__version__)
+    if entry_points:
+        _load_entry_points(plugins)
+    pm.check_pending()
+    _fill_registries(plugins)
+    return plugins
+
+
+def _load_entry_points(plugins: Plugins) -> None:
+    allowed = allowed_plugins()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        dist = ep.dist
+        package = dist.metadata["Name"] if dist is not None else "?"
+        version = dist.version if dist is not None else "?"
+        try:
+            module = ep.load()
+            plugins.pm.register(module, name=ep.name)
+        except Exception as exc:  # a broken plugin is reported by name, never fatal
+            plugins.failures.append(PluginFailure(ep.name, package, f"{type(exc).__name__}: {exc}"))
+            continue
+        plugins.info[ep.name] = PluginInfo(ep.name, package, version)
+
+
+def _fill_registries(plugins: Plugins) -> None:
+    for kind, hook_name in hookspecs.KINDS.items():
+        registry: Registry[Any] = Registry(kind)
+        hook = getattr(plugins.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):  # registration order: built-ins first
+            info = plugins.info[impl.plugin_name]
+            register = partial(
+                registry.add, plugin=info.name, package=info.package, version=info.version
+            )
+            try:
+                impl.function(register=register)
+            except KvdError:
+                raise
+            except Exception as exc:
+                if impl.plugin_name in BUILTIN_PLUGINS:
+                    raise
+                plugins.failures.append(
+                    PluginFailure(info.name, info.package, f"{type(exc).__name__}: {exc}")
+                )
+        plugins.registries[kind] = registry
+
+
+_CURRENT: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    """The process-wide plugins, loaded once."""
+    global _CURRENT
+    if _CURRENT is None:
+        _CURRENT = load_plugins()
+    return _CURRENT
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (tests, or after changing KVD_LOAD_PLUGINS)."""
+    global _CURRENT
+    _CURRENT = None
+
+
+def registry(kind: str) -> Registry[Any]:
+    """The registry of `kind` from the process-wide plugins."""
+    return get_plugins().registry(kind)

@@ -1,0 +1,10 @@
+"""Built-in models, registered through the same hook as a third-party plugin's."""
+
+from __future__ import annotations
+
+from kvd.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def register_models(register: Register) -> None:
+    del register

@@ -1,0 +1,382 @@
+"""The run spec: pydantic models for a whole run, read from YAML, with `--set` overrides.
+
+Component references stay flat in YAML (`fusion: {name: mean, temperature: 0.5}`): the key that
+names the component (`name`, or `source` for models) picks a registered class, and every other
+key is validated against that class's own `Config`. All problems are gathered and raised at once
+as a `SpecError` with dotted locations (`teachers.1.path`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kvd.component import ComponentConfig, config_class
+from kvd.errors import KvdError, Problem, SpecError
+from kvd.manager import registry
+from kvd.models import ModelSource
+
+
+class Strict(BaseModel):
+    """A spec section with a fixed set of keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentRef(BaseModel):
+    """A registered component named by `name`; the other keys are its Config."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: ClassVar[str] = ""
+    key: ClassVar[str] = "name"
+
+    _config: ComponentConfig | None = PrivateAttr(default=None)
+
+    @property
+    def component_name(self) -> str:
+        return str(getattr(self, self.key))
+
+    def options(self) -> dict[str, Any]:
+        """The keys meant for the component's Config."""
+        return dict(self.model_extra or {})
+
+    @property
+    def config(self) -> ComponentConfig:
+        """The validated component Config (available after `resolve_spec`)."""
+        if self._config is None:
+            self._config = config_class(self.component).model_validate(self.options())
+        return self._config
+
+    @property
+    def component(self) -> Any:
+        return registry(self.kind).get(self.component_name)
+
+
+def _ref(default: str) -> Any:
+    """A component field that defaults to the component named `default` with its defaults."""
+    return Field(default_factory=lambda: {"name": default}, validate_default=True)
+
+
+class NamedRef(ComponentRef):
+    """A component named by its `name` key."""
+
+    name: str
+
+
+class AlignerRef(NamedRef):
+    kind: ClassVar[str] = "aligners"
+
+
+class ProjectorRef(NamedRef):
+    """The learned KV projector and the direction it maps."""
+
+    kind: ClassVar[str] = "projectors"
+    direction: Literal["teacher_to_student", "student_to_teacher"] = "teacher_to_student"
+
+
+class FusionRef(NamedRef):
+    kind: ClassVar[str] = "fusions"
+
+
+class LossRef(NamedRef):
+    """One loss term and its weight in the total."""
+
+    kind: ClassVar[str] = "losses"
+    weight: float = Field(1.0, ge=0)
+
+
+class DataRef(NamedRef):
+    """Where text comes from, and how it is split and packed."""
+
+    kind: ClassVar[str] = "datasets"
+    name: str = "stdlib"
+    seq_len: int = Field(128, ge=2)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+class ModelRef(ComponentRef):
+    """A model named by its `source` (a registered model source); other keys are its Config."""
+
+    kind: ClassVar[str] = "models"
+    key: ClassVar[str] = "source"
+    source: str
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    _base_dir: Path = PrivateAttr(default=Path("."))
+
+    def build(self) -> ModelSource:
+        """The model source, with relative paths taken from the spec file's folder."""
+        source: ModelSource = self.component(self.config, base_dir=self._base_dir)
+        return source
+
+
+class TeacherRef(ModelRef):
+    """A teacher: its source, a short id used in logs, and its weight among teachers."""
+
+    id: str = ""
+    weight: float = Field(1.0, ge=0)
+
+
+class StudentRef(ModelRef):
+    """The student: a model dir to continue from, or a config to initialise."""
+
+
+class AlignmentSpec(Strict):
+    """Parameter-free alignment of each teacher to the student, one aligner per stage."""
+
+    tokens: AlignerRef = _ref("soft")
+    layers: AlignerRef = _ref("uniform")
+    rope: AlignerRef = _ref("unrotate")
+
+    STAGES: ClassVar[tuple[str, ...]] = ("tokens", "layers", "rope")
+
+
+class StageSpec(Strict):
+    """A curriculum stage from `start_step` on; fields left out keep the previous stage's."""
+
+    start_step: int = Field(ge=0)
+    teachers: list[str] | None = None
+    fusion: FusionRef | None = None
+    losses: list[LossRef] | None = None
+
+
+class TrainingSpec(Strict):
+    """Optimisation and schedule."""
+
+    max_steps: int = Field(100, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    projector_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    log_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=2)
+    stages: list[StageSpec] = Field(default_factory=list)
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_ordered(cls, stages: list[StageSpec]) -> list[StageSpec]:
+        starts = [s.start_step for s in stages]
+        if starts != sorted(set(starts)):
+            raise ValueError("stages must have strictly increasing start_step")
+        return stages
+
+
+class EvaluationSpec(Strict):
+    """Periodic validation during training."""
+
+    every: int = Field(50, ge=1)
+    batches: int = Field(8, ge=1)
+
+
+class OutputSpec(Strict):
+    """Where the run directory goes (relative paths are relative to the working directory)."""
+
+    dir: str = "runs/{name}"
+
+
+class RunSpec(Strict):
+    """A whole distillation run."""
+
+    name: str = "run"
+    seed: int = 0
+    teachers: list[TeacherRef] = Field(min_length=1, max_length=8)
+    student: StudentRef
+    data: DataRef = Field(default_factory=lambda: DataRef())
+    alignment: AlignmentSpec = Field(default_factory=AlignmentSpec)
+    projector: ProjectorRef = _ref("head_dim_then_heads")
+    fusion: FusionRef = _ref("mean")
+    losses: list[LossRef] = Field(
+        default_factory=lambda: [LossRef(name="kv_mse"), LossRef(name="ce")], min_length=1
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _teacher_ids(self) -> RunSpec:
+        for i, teacher in enumerate(self.teachers):
+            if not teacher.id:
+                teacher.id = f"t{i}"
+        ids = [t.id for t in self.teachers]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"teacher ids must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`, or a KvdError naming the file and the line."""
+    if not path.exists():
+        raise KvdError(f"{path}: no such file", hint="check the path of the spec")
+    if path.is_dir():
+        raise KvdError(f"{path}: is a directory, expected a YAML run spec")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise KvdError(f"{path}: not a text file (expected a YAML run spec)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise KvdError(f"{path}{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise KvdError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides (values parsed as YAML scalars; list items by index)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise KvdError(f"--set {item!r}: expected KEY=VALUE, e.g. training.max_steps=50")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        parts = key.strip().split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, item, ".".join(parts[: depth + 1]), create=True)
+        _assign(node, parts[-1], value, item)
+    return data
+
+
+def _child(node: Any, part: str, item: str, loc: str, *, create: bool) -> Any:
+    if isinstance(node, list):
+        index = _index(node, part, item, loc)
+        return node[index]
+    if not isinstance(node, dict):
+        raise KvdError(f"--set {item!r}: {loc} is not a mapping")
+    if part not in node or node[part] is None:
+        node[part] = {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, item: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, part, item, part)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise KvdError(f"--set {item!r}: cannot set {part!r} inside a {type(node).__name__}")
+
+
+def _index(node: list[Any], part: str, item: str, loc: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise KvdError(f"--set {item!r}: {loc} must be a list index below {len(node)}")
+    return int(part)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read, override, validate and resolve a spec file; raises SpecError with every problem."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [])
+    spec = parse_spec(data, source=str(path))
+    for model in [*spec.teachers, spec.student]:
+        model._base_dir = path.parent
+    return spec
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> RunSpec:
+    """Validate a mapping and resolve every component; raises SpecError with every problem."""
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, pydantic_problems(exc)) from None
+    problems = resolve_components(spec)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
+    """pydantic errors as problems with dotted locations."""
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        loc = f"{prefix}.{loc}" if prefix and loc else prefix or loc or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (not part of the spec; check the spelling)"
+        problems.append(Problem(loc, message))
+    return problems
+
+
+def component_refs(spec: RunSpec) -> list[tuple[str, ComponentRef]]:
+    """Every component reference in the spec with its dotted location."""
+    refs: list[tuple[str, ComponentRef]] = []
+    refs += [(f"teachers.{i}", t) for i, t in enumerate(spec.teachers)]
+    refs.append(("student", spec.student))
+    refs.append(("data", spec.data))
+    refs += [(f"alignment.{stage}", getattr(spec.alignment, stage)) for stage in spec.alignment.STAGES]
+    refs.append(("projector", spec.projector))
+    refs.append(("fusion", spec.fusion))
+    refs += [(f"losses.{i}", loss) for i, loss in enumerate(spec.losses)]
+    for s, stage in enumerate(spec.training.stages):
+        if stage.fusion is not None:
+            refs.append((f"training.stages.{s}.fusion", stage.fusion))
+        refs += [(f"training.stages.{s}.losses.{i}", x) for i, x in enumerate(stage.losses or [])]
+    return refs
+
+
+def resolve_components(spec: RunSpec) -> list[Problem]:
+    """Look up every component and validate its options; return all problems found."""
+    problems: list[Problem] = []
+    for loc, ref in component_refs(spec):
+        reg = registry(ref.kind)
+        if ref.component_name not in reg:
+            problems.append(Problem(f"{loc}.{ref.key}", reg.unknown_message(ref.component_name)))
+            continue
+        try:
+            ref._config = config_class(ref.component).model_validate(ref.options())
+        except ValidationError as exc:
+            problems += pydantic_problems(exc, prefix=loc)
+    for stage in AlignmentSpec.STAGES:
+        ref = getattr(spec.alignment, stage)
+        if ref.component_name in registry("aligners"):
+            actual = getattr(ref.component, "stage", None)
+            if actual != stage:
+                problems.append(
+                    Problem(
+                        f"alignment.{stage}.name",
+                        f"aligner {ref.component_name!r} belongs in alignment.{actual}, not here",
+                    )
+                )
+    ids = {t.id for t in spec.teachers}
+    for s, stage in enumerate(spec.training.stages):
+        for t in stage.teachers or []:
+            if t not in ids:
+                problems.append(
+                    Problem(f"training.stages.{s}.teachers", f"no teacher with id {t!r}")
+                )
+    return problems
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the run spec."""
+    return RunSpec.model_json_schema()

@@ -1,0 +1,43 @@
+"""Tokenising one batch of texts for one model, with character offsets for alignment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kvd.types import TokenBatch
+
+
+def tokenize(
+    tokenizer: Any, texts: list[str], *, max_length: int | None = None, add_bos: bool = False
+) -> TokenBatch:
+    """`texts` -> a right-padded TokenBatch.
+
+    With `add_bos` the tokenizer's BOS token is put first (offsets (-1, -1): it covers no text).
+    Special tokens and padding get offsets (-1, -1); `max_length` truncates on the right.
+    """
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    room = None if max_length is None else max_length - len(bos)
+    enc = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        truncation=room is not None,
+        max_length=room,
+    )
+    rows = [bos + list(ids) for ids in enc["input_ids"]]
+    spans = [[(-1, -1)] * len(bos) + [tuple(s) for s in offs] for offs in enc["offset_mapping"]]
+    width = max((len(r) for r in rows), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    offsets = torch.full((len(rows), width, 2), -1, dtype=torch.long)
+    for b, (row, span) in enumerate(zip(rows, spans, strict=True)):
+        ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, : len(row)] = True
+        if span:
+            offsets[b, : len(span)] = torch.tensor(span, dtype=torch.long)
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids or [-1], dtype=torch.long))
+    offsets[special | ~mask] = -1
+    return TokenBatch(input_ids=ids, attention_mask=mask, offsets=offsets)

@@ -1,0 +1,76 @@
+"""Data passed between the stages of a distillation step. Shapes use:
+B batch, T tokens (Tt teacher, Ts student), H KV heads, D head_dim, L layers, K candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """KV geometry of one layer: `heads` KV heads (num_key_value_heads) of `head_dim` each."""
+
+    heads: int
+    head_dim: int
+
+    @property
+    def dim(self) -> int:
+        """Width of one token's K (or V) across heads: heads * head_dim."""
+        return self.heads * self.head_dim
+
+
+@dataclass
+class TokenBatch:
+    """One tokenizer's view of a batch of texts.
+
+    input_ids: [B, T] long; attention_mask: [B, T] bool (True = real token, padding is False);
+    offsets: [B, T, 2] long character span [start, end) in the text, (-1, -1) for tokens that
+    cover no text (BOS, special tokens, padding).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class TokenAlignment:
+    """Where each student position reads its teacher positions from.
+
+    index: [B, Ts, K] long, teacher positions in [0, Tt); weight: [B, Ts, K] float, summing to 1
+    over K where `mask` is True and 0 elsewhere; mask: [B, Ts] bool, False where no causally valid
+    teacher token exists (those positions are left out of every loss, never filled).
+    """
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    mask: torch.Tensor
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher tensor [B, H, Tt, D] -> student-aligned [B, H, Ts, D] (weighted over K)."""
+        b, h, tt, d = x.shape
+        _, ts, k = self.index.shape
+        if tt == 0:
+            return x.new_zeros(b, h, ts, d)
+        idx = self.index.clamp(0, tt - 1).reshape(b, 1, ts * k, 1).expand(b, h, ts * k, d)
+        picked = torch.gather(x, 2, idx).reshape(b, h, ts, k, d)
+        w = self.weight.to(x.dtype).reshape(b, 1, ts, k, 1)
+        return (picked * w).sum(dim=3)
+
+
+@dataclass
+class KVBundle:
+    """Per-layer keys and values of one model on one batch.
+
+    keys[i], values[i]: [B, H, T, D] for model layer `layers[i]`; mask: [B, T] bool.
+    `pre_rope` tells whether keys are before the rotary embedding (True) or as cached (False).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    layers: list[int]
+    mask: torch.Tensor
+    pre_rope: bool = False
