@@ -22,6 +22,7 @@ ALLOWLIST_ENV = "KVD_LOAD_PLUGINS"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "kvd.plugins.models",
     "kvd.plugins.aligners",
+    "kvd.plugins.rope",
     "kvd.plugins.projectors",
     "kvd.plugins.fusions",
     "kvd.plugins.losses",
