@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -94,11 +95,37 @@ def _load_entry_points(plugins: Plugins) -> None:
         version = dist.version if dist is not None else "?"
         try:
             module = ep.load()
-            plugins.pm.register(module, name=ep.name)
         except Exception as exc:  # a broken plugin is reported by name, never fatal
             plugins.failures.append(PluginFailure(ep.name, package, f"{type(exc).__name__}: {exc}"))
             continue
+        problem = _register_checked(plugins.pm, module, ep.name)
+        if problem:
+            plugins.failures.append(PluginFailure(ep.name, package, problem))
+            continue
         plugins.info[ep.name] = PluginInfo(ep.name, package, version)
+
+
+def _register_checked(pm: pluggy.PluginManager, module: object, name: str) -> str | None:
+    """Register `module`; a hook name kvd does not define unregisters it and says which."""
+    try:
+        pm.register(module, name=name)
+    except (ValueError, pluggy.PluginValidationError) as exc:  # taken name, bad signature
+        return str(exc)
+    unknown = [
+        hook
+        for hook, caller in vars(pm.hook).items()
+        if not hook.startswith("_")
+        and not caller.has_spec()
+        and any(impl.plugin_name == name for impl in caller.get_hookimpls())
+    ]
+    if not unknown:
+        return None
+    pm.unregister(name=name)
+    hints = []
+    for hook in unknown:
+        close = difflib.get_close_matches(hook, list(hookspecs.KINDS.values()), n=1)
+        hints.append(f"{hook!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"implements unknown hook(s) {', '.join(hints)}"
 
 
 def _fill_registries(plugins: Plugins) -> None:

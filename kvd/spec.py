@@ -247,7 +247,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise KvdError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise KvdError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 
@@ -333,7 +335,9 @@ def component_refs(spec: RunSpec) -> list[tuple[str, ComponentRef]]:
     refs += [(f"teachers.{i}", t) for i, t in enumerate(spec.teachers)]
     refs.append(("student", spec.student))
     refs.append(("data", spec.data))
-    refs += [(f"alignment.{stage}", getattr(spec.alignment, stage)) for stage in spec.alignment.STAGES]
+    refs += [
+        (f"alignment.{stage}", getattr(spec.alignment, stage)) for stage in spec.alignment.STAGES
+    ]
     refs.append(("projector", spec.projector))
     refs.append(("fusion", spec.fusion))
     refs += [(f"losses.{i}", loss) for i, loss in enumerate(spec.losses)]

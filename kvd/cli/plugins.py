@@ -37,7 +37,9 @@ def plugins(
     for col in ("kind", "name", "plugin", "package", "version", "summary"):
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*(row[c] for c in ("kind", "name", "plugin", "package", "version", "summary")))
+        table.add_row(
+            *(row[c] for c in ("kind", "name", "plugin", "package", "version", "summary"))
+        )
     console = Console(highlight=False)
     console.print(table)
     for failure in loaded.failures:

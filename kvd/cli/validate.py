@@ -30,7 +30,9 @@ def validate(
         except KvdError as exc:
             problems.append(Problem(loc, exc.message))
             continue
-        described[loc] = f"{source.describe()} ({geometry.architecture}, {geometry.num_layers} layers)"
+        described[loc] = (
+            f"{source.describe()} ({geometry.architecture}, {geometry.num_layers} layers)"
+        )
     if problems:
         raise SpecError(str(spec_path), problems)
     table = Table(title=f"{spec_path}: valid")
