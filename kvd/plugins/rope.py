@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from kvd.align.rope import KeepRotated, Unrotate
 from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_aligners(register: Register) -> None:
-    del register
+    register("unrotate", Unrotate)
+    register("none", KeepRotated)
