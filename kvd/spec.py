@@ -102,6 +102,7 @@ class DataRef(NamedRef):
     kind: ClassVar[str] = "datasets"
     name: str = "stdlib"
     seq_len: int = Field(128, ge=2)
+    min_tokens: int = Field(16, ge=1)
     val_fraction: float = Field(0.05, gt=0, lt=1)
 
 
@@ -372,8 +373,8 @@ def resolve_components(spec: RunSpec) -> list[Problem]:
                     )
                 )
     ids = {t.id for t in spec.teachers}
-    for s, stage in enumerate(spec.training.stages):
-        for t in stage.teachers or []:
+    for s, curriculum in enumerate(spec.training.stages):
+        for t in curriculum.teachers or []:
             if t not in ids:
                 problems.append(
                     Problem(f"training.stages.{s}.teachers", f"no teacher with id {t!r}")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from kvd.data.files import TextFilesSource
+from kvd.data.stdlib import StdlibSource
 from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_datasets(register: Register) -> None:
-    del register
+    register("stdlib", StdlibSource)
+    register("text_files", TextFilesSource)
