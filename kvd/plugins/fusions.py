@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from kvd import fusion
 from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_fusions(register: Register) -> None:
-    del register
+    register("fixed", fusion.FixedFusion)
+    register("mean", fusion.MeanFusion)
+    register("similarity", fusion.SimilarityFusion)
+    register("learnable", fusion.LearnableFusion)
+    register("task_conditional", fusion.TaskConditionalFusion)
+    register("topk", fusion.TopKFusion)
+    register("lowest_ce", fusion.LowestCEFusion)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from kvd import losses
 from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_losses(register: Register) -> None:
-    del register
+    register("kv_mse", losses.KVMSELoss)
+    register("kv_smooth_l1", losses.KVSmoothL1Loss)
+    register("mercator", losses.MercatorLoss)
+    register("relation_kl", losses.RelationKLLoss)
+    register("logit_kd", losses.LogitKDLoss)
+    register("uld", losses.ULDLoss)
+    register("ce", losses.CELoss)

@@ -1,0 +1,47 @@
+"""Loss base class and the masked reduction every loss (and the fusion entropy) uses."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from kvd.component import ComponentConfig
+
+LossInputs = Literal["kv", "kv_raw", "logits", "ce"]
+"""What the trainer passes to a loss's forward:
+
+- "kv": (student [B,H,T,D], target [B,H,T,D], mask [B,T]) in one projected geometry;
+- "kv_raw": (student_k, student_v [B,Hs,T,Ds], teacher_k, teacher_v [B,Ht,T,Dt], mask [B,T]),
+  each side in its own geometry;
+- "logits": (student_logits [B,T,Vs], teacher_logits [B,T,Vt] aligned to student positions,
+  mask [B,T]);
+- "ce": (student_logits [B,T,V], input_ids [B,T], mask [B,T]).
+"""
+
+
+def keep(x: Tensor, mask: Tensor) -> Tensor:
+    """`x` with 0 wherever `mask` (bool, broadcastable to `x`) is False, so whatever sits at
+    masked positions (even NaN) reaches neither the value nor the gradients."""
+    return x.where(mask, x.new_zeros(()))
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` over the elements where `mask` (bool, broadcastable to `values`) is True.
+
+    Masked elements contribute nothing; with no valid element the result is 0, still attached
+    to the graph.
+    """
+    return keep(values, mask).sum() / mask.expand_as(values).sum().clamp_min(1)
+
+
+class Loss(nn.Module):
+    """A loss term built as `cls(config)`; `inputs` tells the trainer which tensors to pass."""
+
+    inputs: ClassVar[LossInputs]
+
+    class Config(ComponentConfig):
+        """No options."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()

@@ -1,0 +1,128 @@
+"""KV losses: student and target in one projected geometry, [B, H, T, D] each, mask [B, T].
+
+Collapse guard. In the teacher->student direction the target is `projector(teacher KV)`, itself
+learned, and the student is trained too: a plain MSE is then minimised by both sides shrinking to
+a constant (loss ~0, no information). With `guard="variance"` (the default) both sides are
+standardised by the target's own batch statistics before the comparison,
+
+    s' = (s - mu) / sigma,  t' = (t - mu) / sigma,
+
+with mu [H, D] the target's per-feature mean and sigma^2 its per-feature variance averaged over
+features, both over the valid tokens and with gradients flowing through them. The loss is then
+invariant to rescaling both sides together, and a target with little spread is expensive rather
+than free: shrinking gains nothing, and a constant target drives sigma to 0 and the loss up.
+The joint scale is left to the student, whose KV its own forward pass (and CE) anchors; with both
+sides free (tests/test_losses.py) the target's variance drifts up, never toward 0.
+For MSE this is the error relative to the target's variance (0 = exact, ~1 = no better than the
+target's mean); for `mercator` only the centring matters (so a shared constant vector cannot
+score cos = 1). The statistics need a batch of several valid tokens.
+
+In the student->teacher direction the target is the teacher's own fixed KV; it cannot collapse,
+and `guard="none"` gives the plain loss in the KV's own units.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from kvd.losses.base import Loss, LossInputs, keep, masked_mean
+
+GUARD_EPS = 1e-6
+"""Floor of sigma^2 relative to the target's mean square; `GUARD_EPS**2` is an absolute floor."""
+
+
+def standardise(student: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Both [B, H, T, D] tensors centred by the target's per-feature mean and divided by its
+    feature-averaged std, statistics over the tokens where mask [B, T] is True (masked tokens
+    must already be 0)."""
+    m = mask[:, None, :, None]
+    mu = target.sum(dim=(0, 2), keepdim=True) / mask.sum().clamp_min(1)
+    var = masked_mean((target - mu).square(), m)
+    floor = GUARD_EPS * masked_mean(target.square(), m).detach() + GUARD_EPS**2
+    sigma = (var + floor).sqrt()
+    return (student - mu) / sigma, (target - mu) / sigma
+
+
+class KVLoss(Loss):
+    """Base of the KV losses: `forward(student, target, mask) -> scalar`, mean over valid
+    positions (and heads, features); the guard is applied first."""
+
+    inputs: ClassVar[LossInputs] = "kv"
+
+    class Config(Loss.Config):
+        """guard: "variance" standardises both sides by the target's statistics (see module
+        docstring); "none" compares the raw tensors."""
+
+        guard: Literal["none", "variance"] = "variance"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.guard = config.guard
+
+    def forward(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        m = mask[:, None, :, None]
+        student, target = keep(student, m), keep(target, m)
+        if self.guard == "variance":
+            student, target = standardise(student, target, mask)
+        return self.compare(student, target, mask)
+
+    def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """The loss on (possibly standardised) [B, H, T, D] tensors."""
+        raise NotImplementedError
+
+
+class KVMSELoss(KVLoss):
+    """Mean squared error over valid positions, heads and features."""
+
+    def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return masked_mean((student - target).square(), mask[:, None, :, None])
+
+
+class KVSmoothL1Loss(KVLoss):
+    """Smooth L1 (Huber / beta) over valid positions, heads and features."""
+
+    class Config(KVLoss.Config):
+        """beta: where the loss turns from quadratic to linear (in standardised units under
+        the variance guard); 0 = L1."""
+
+        beta: float = Field(1.0, ge=0)
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.beta = config.beta
+
+    def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        loss = F.smooth_l1_loss(student, target, reduction="none", beta=self.beta)
+        return masked_mean(loss, mask[:, None, :, None])
+
+
+class MercatorLoss(KVLoss):
+    """The map projection ("Mercator") loss: direction and magnitude of each head's vector apart.
+
+    Per (head, position): (1 - cos(s, t)) + beta * (log||s|| - log||t||)^2, mean over valid
+    positions and heads. 1 - cos is computed as ||s/|s| - t/|t|||^2 / 2 (exactly 0 for equal
+    vectors); the log-ratio of norms penalises scale errors symmetrically (x2 and /2 cost the same).
+    """
+
+    class Config(KVLoss.Config):
+        """beta: weight of the log-magnitude term."""
+
+        beta: float = Field(0.1, ge=0)
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.beta = config.beta
+
+    def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        angle = 0.5 * (F.normalize(student, dim=-1) - F.normalize(target, dim=-1)).square()
+        tiny = torch.finfo(student.dtype).tiny
+        log_ratio = 0.5 * (
+            student.square().sum(-1).add(tiny).log() - target.square().sum(-1).add(tiny).log()
+        )
+        loss = angle.sum(-1) + self.beta * log_ratio.square()  # [B, H, T]
+        return masked_mean(loss, mask[:, None, :])

@@ -1,0 +1,267 @@
+"""Losses: zero on identical inputs, exact masking, reference values, and the collapse guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvd.errors import PlanError
+from kvd.losses import Loss, masked_mean
+from kvd.manager import load_plugins
+from kvd.types import KVShape
+
+PLUGINS = load_plugins(entry_points=False)
+LOSSES = PLUGINS.registry("losses")
+KV_LOSSES = ["kv_mse", "kv_smooth_l1", "mercator"]
+B, H, T, D = 2, 4, 6, 16
+
+
+def build(name: str, **options: Any) -> Loss:
+    cls = LOSSES.get(name)
+    loss: Loss = cls(cls.Config(**options))
+    return loss
+
+
+def some_mask() -> torch.Tensor:
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 0] = False
+    return mask
+
+
+def test_all_losses_registered_with_their_inputs() -> None:
+    inputs = {entry.name: entry.obj.inputs for entry in LOSSES}
+    assert inputs == {
+        "kv_mse": "kv",
+        "kv_smooth_l1": "kv",
+        "mercator": "kv",
+        "relation_kl": "kv_raw",
+        "logit_kd": "logits",
+        "uld": "logits",
+        "ce": "ce",
+    }
+
+
+@pytest.mark.parametrize("guard", ["none", "variance"])
+@pytest.mark.parametrize("name", KV_LOSSES)
+def test_kv_losses_zero_for_identical_and_mask_exact(name: str, guard: str) -> None:
+    loss = build(name, guard=guard)
+    x = torch.randn(B, H, T, D)
+    mask = some_mask()
+    assert loss(x, x.clone(), mask).item() == 0.0
+    y = torch.randn(B, H, T, D)
+    base = loss(x, y, mask)
+    x2, y2 = x.clone(), y.clone()
+    x2[~mask[:, None, :].expand(B, H, T)] = float("nan")
+    y2[~mask[:, None, :].expand(B, H, T)] = 1e4
+    x2.requires_grad_()
+    masked = loss(x2, y2, mask)
+    torch.testing.assert_close(masked, base)
+    masked.backward()
+    assert x2.grad is not None and torch.isfinite(x2.grad).all()
+    s = x.clone().requires_grad_()
+    empty = loss(s, y, torch.zeros(B, T, dtype=torch.bool))
+    assert empty.item() == 0.0
+    empty.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_kv_mse_values() -> None:
+    s, t = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 1.0], [3.0, 3.0]]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert build("kv_mse", guard="none")(s, t, mask).item() == 5.0
+    # variance guard: error relative to the target's spread (mean 2, variance 1 per feature)
+    assert build("kv_mse")(s, t, mask).item() == pytest.approx(5.0, rel=1e-5)
+    assert build("kv_mse")(2 * s, 2 * t, mask).item() == pytest.approx(5.0, rel=1e-5)
+    assert build("kv_mse", guard="none")(s, t, torch.tensor([[True, False]])).item() == 1.0
+
+
+def test_mercator_terms() -> None:
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    s = torch.tensor([[[[1.0, 0.0]]]])
+    t = torch.tensor([[[[0.0, 2.0]]]])
+    mercator = build("mercator", guard="none", beta=1.0)
+    expected = 1.0 + torch.log(torch.tensor(2.0)).item() ** 2  # 1 - cos 90 degrees + log 2 ^ 2
+    assert mercator(s, t, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert build("mercator", guard="none", beta=0.0)(s, 3 * s, mask).item() == 0.0
+
+
+def test_smooth_l1_beta() -> None:
+    s, t = torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.5, 3.0]]]])
+    loss = build("kv_smooth_l1", guard="none", beta=1.0)(s, t, torch.ones(1, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx((0.125 + 2.5) / 2)
+
+
+def collapse_run(
+    guard: str, loss_name: str = "kv_mse", steps: int = 150, lr: float = 3e-2
+) -> dict[str, float]:
+    """Teacher->student with both sides learned on random data: the target is
+    projector(teacher KV), the student KV is a linear map of a noisy copy of the teacher KV."""
+    torch.manual_seed(0)
+    projectors = PLUGINS.registry("projectors")
+    teacher_shape, student_shape = KVShape(4, 16), KVShape(2, 8)
+    teacher = torch.randn(4, 4, 16, 16)
+    student_input = teacher + torch.randn_like(teacher)
+    cls = projectors.get("head_dim_then_heads")
+    projector = cls(cls.Config(), source=teacher_shape, target=student_shape)
+    student = projectors.get("linear")(
+        projectors.get("linear").Config(), source=teacher_shape, target=student_shape
+    )
+    torch.nn.init.normal_(student.linear.weight, std=0.1)
+    loss_fn = build(loss_name, guard=guard)
+    plain_mse = build("kv_mse", guard="none")
+    mask = torch.ones(4, 16, dtype=torch.bool)
+    params = [*projector.parameters(), *student.parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    losses, variances = [], []
+    for _ in range(steps):
+        target = projector(teacher)
+        loss = loss_fn(student(student_input), target, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        variances.append(target.var().item())
+    with torch.no_grad():
+        mse = plain_mse(student(student_input), projector(teacher), mask).item()
+    teacher_var = teacher.var().item()
+    return {
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "plain_mse": mse,
+        "min_var_fraction": min(variances) / teacher_var,
+        "last_var_fraction": variances[-1] / teacher_var,
+    }
+
+
+def test_without_guard_a_learned_target_collapses() -> None:
+    run = collapse_run("none")
+    assert run["last_loss"] < 0.01  # the KV loss looks solved ...
+    assert run["last_var_fraction"] < 0.02  # ... because the target shrank to a constant
+
+
+@pytest.mark.parametrize("name", KV_LOSSES)
+def test_variance_guard_keeps_the_target_spread_while_the_loss_decreases(name: str) -> None:
+    run = collapse_run("variance", name)
+    # the target starts at ~1/2 of the teacher's variance (group mean of 2 random heads)
+    assert run["min_var_fraction"] >= 0.25
+    assert run["last_loss"] < 0.3 * run["first_loss"]
+
+
+def test_relation_kl_zero_for_identical_and_free_of_head_count() -> None:
+    torch.manual_seed(0)
+    loss = build("relation_kl", relation_heads=4)
+    k, v = torch.randn(B, 4, T, 16), torch.randn(B, 4, T, 16)
+    mask = some_mask()
+    assert loss(k, v, k, v, mask).item() == 0.0
+    as_2x32 = lambda x: x.transpose(1, 2).reshape(B, T, 2, 32).transpose(1, 2)  # noqa: E731
+    tk, tv = torch.randn(B, 1, T, 64), torch.randn(B, 1, T, 64)
+    a = loss(k, v, tk, tv, mask)
+    b = loss(as_2x32(k), as_2x32(v), tk, tv, mask)
+    assert a.item() > 0
+    torch.testing.assert_close(a, b)
+    k2 = k.clone()
+    k2[~mask[:, None, :].expand(B, 4, T)] = float("nan")
+    torch.testing.assert_close(loss(k2, v, tk, tv, mask), a)
+    s = k.clone().requires_grad_()
+    empty = loss(s, v, tk, tv, torch.zeros(B, T, dtype=torch.bool))
+    empty.backward()
+    assert empty.item() == 0.0 and s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_relation_kl_is_causal() -> None:
+    torch.manual_seed(0)
+    loss = build("relation_kl", relation_heads=2)
+    k, v = torch.randn(1, 2, T, 8), torch.randn(1, 2, T, 8)
+    mask = torch.ones(1, T, dtype=torch.bool)
+    k2 = k.clone()
+    k2[:, :, -1] = 5.0  # only the last token changes: earlier rows cannot see it
+    tk, tv = torch.randn(1, 2, T, 8), torch.randn(1, 2, T, 8)
+    only_first = mask.clone()
+    only_first[:, -1] = False
+    torch.testing.assert_close(loss(k, v, tk, tv, only_first), loss(k2, v, tk, tv, only_first))
+
+
+def test_relation_kl_plan_error() -> None:
+    loss = build("relation_kl", relation_heads=3)
+    with pytest.raises(PlanError, match="relation_heads=3"):
+        loss(*[torch.randn(1, 2, 3, 8)] * 4, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_logit_kd() -> None:
+    torch.manual_seed(0)
+    kd = build("logit_kd", temperature=2.0)
+    s, t = torch.randn(B, T, 10), torch.randn(B, T, 10)
+    mask = some_mask()
+    assert kd(s, s.clone(), mask).item() == 0.0
+    expected = F.kl_div(
+        F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    assert kd(s, t, mask).item() == pytest.approx(expected[mask].mean().item() * 4, rel=1e-5)
+    with pytest.raises(PlanError) as info:
+        kd(s, torch.randn(B, T, 12), mask)
+    assert info.value.hint is not None and "uld" in info.value.hint
+
+
+def test_uld() -> None:
+    torch.manual_seed(0)
+    uld = build("uld")
+    s = torch.randn(B, T, 10)
+    mask = some_mask()
+    assert uld(s, s.clone(), mask).item() == 0.0
+    assert uld(s, s.flip(-1), mask).item() == pytest.approx(0.0, abs=1e-6)  # order-free
+    t = torch.randn(B, T, 14, requires_grad=False)
+    student = s.clone().requires_grad_()
+    value = uld(student, t, mask)
+    value.backward()
+    assert value.item() > 0 and student.grad is not None
+    # hand example: [1, 0] vs [0.5, 0.25, 0.25] -> |1 - .5| + |0 - .25| + |0 - .25| = 1
+    one = torch.tensor([[[20.0, -20.0]]])
+    three = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    assert uld(one, three, torch.ones(1, 1, dtype=torch.bool)).item() == pytest.approx(1.0)
+
+
+def test_ce_matches_torch_cross_entropy() -> None:
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0]]])
+    ids = torch.tensor([[0, 1, 2]])
+    ce = build("ce")
+    expected = F.cross_entropy(logits[0, :2], ids[0, 1:])
+    assert ce(logits, ids, torch.ones(1, 3, dtype=torch.bool)).item() == pytest.approx(
+        expected.item()
+    )
+    only_first = torch.tensor([[True, True, False]])  # the target token 2 is masked
+    assert ce(logits, ids, only_first).item() == pytest.approx(
+        F.cross_entropy(logits[0, :1], ids[0, 1:2]).item()
+    )
+    assert ce(logits, ids, torch.zeros(1, 3, dtype=torch.bool)).item() == 0.0
+
+
+def test_masked_mean_ignores_nan_in_masked_elements() -> None:
+    values = torch.tensor([[1.0, float("nan"), 3.0]])
+    assert masked_mean(values, torch.tensor([[True, False, True]])).item() == 2.0
+
+
+@pytest.mark.parametrize("name", ["logit_kd", "uld", "ce"])
+def test_logit_losses_ignore_masked_positions(name: str) -> None:
+    torch.manual_seed(0)
+    loss = build(name)
+    mask = some_mask()
+    s, t = torch.randn(B, T, 10), torch.randn(B, T, 10)
+    if name == "ce":  # CE masks by the target token: logits at t predict token t+1
+        other, t2 = torch.randint(0, 10, (B, T)), None
+        hidden = torch.cat([~mask[:, 1:], torch.zeros(B, 1, dtype=torch.bool)], dim=1)
+    else:
+        other, hidden = t, ~mask
+        t2 = t.clone()
+        t2[hidden] = float("nan")
+    base = loss(s, other, mask)
+    s2 = s.clone()
+    s2[hidden] = float("nan")
+    s2.requires_grad_()
+    value = loss(s2, other if t2 is None else t2, mask)
+    torch.testing.assert_close(value, base)
+    value.backward()
+    assert s2.grad is not None and torch.isfinite(s2.grad).all()
