@@ -41,7 +41,7 @@ class Capture:
     """One forward pass: K/V of the requested layers (post-RoPE, as cached) and logits [B, T, V]."""
 
     kv: KVBundle
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 def capture_kv(
@@ -51,12 +51,15 @@ def capture_kv(
     *,
     layers: list[int] | None = None,
     grad: bool = False,
+    logits: bool = True,
 ) -> Capture:
     """Run `model` on right-padded input_ids [B, T] (attention_mask [B, T] bool) and record K/V.
 
     `layers` (default: all, in order) picks model layers; the bundle lists them in that order.
     grad=False (teachers) runs under torch.no_grad; grad=True (the student) keeps the graph so a
     loss on the K/V reaches the projections. The model's train/eval mode is left to the caller.
+    logits=False skips the LM head on all but the last position (its cost is large for big
+    vocabularies) and leaves `Capture.logits` None.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -74,6 +77,7 @@ def capture_kv(
             attention_mask=mask,
             position_ids=position_ids(mask),
             use_cache=False,
+            **({} if logits else {"logits_to_keep": 1}),
         )
     keys, values = recorder.result(model)
     if track and _trainable(model) and not all(k.requires_grad for k in keys):
@@ -82,7 +86,7 @@ def capture_kv(
             "without autograd; enable it with gradient_checkpointing_kwargs="
             "{'use_reentrant': False} (the transformers default)"
         )
-    return Capture(KVBundle(keys, values, wanted, mask), out.logits)
+    return Capture(KVBundle(keys, values, wanted, mask), out.logits if logits else None)
 
 
 def _check_layers(layers: list[int], count: int) -> list[int]:

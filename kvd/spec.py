@@ -94,6 +94,9 @@ class LossRef(NamedRef):
 
     kind: ClassVar[str] = "losses"
     weight: float = Field(1.0, ge=0)
+    teachers: list[str] | None = Field(
+        None, description="Teacher ids this loss applies to (default: every teacher it fits)."
+    )
 
 
 class DataRef(NamedRef):
@@ -299,14 +302,14 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     """Read, override, validate and resolve a spec file; raises SpecError with every problem."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [])
-    spec = parse_spec(data, source=str(path))
-    for model in [*spec.teachers, spec.student]:
-        model._base_dir = path.parent
-    return spec
+    return parse_spec(data, source=str(path), base_dir=path.parent)
 
 
-def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> RunSpec:
-    """Validate a mapping and resolve every component; raises SpecError with every problem."""
+def parse_spec(
+    data: dict[str, Any], *, source: str = "<spec>", base_dir: Path = Path(".")
+) -> RunSpec:
+    """Validate a mapping and resolve every component; raises SpecError with every problem.
+    Relative model paths are taken from `base_dir` (the spec file's folder)."""
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
@@ -314,6 +317,8 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> RunSpec:
     problems = resolve_components(spec)
     if problems:
         raise SpecError(source, problems)
+    for model in [*spec.teachers, spec.student]:
+        model._base_dir = base_dir
     return spec
 
 
@@ -373,6 +378,10 @@ def resolve_components(spec: RunSpec) -> list[Problem]:
                     )
                 )
     ids = {t.id for t in spec.teachers}
+    for loc, ref in component_refs(spec):
+        for t in getattr(ref, "teachers", None) or []:
+            if isinstance(ref, LossRef) and t not in ids:
+                problems.append(Problem(f"{loc}.teachers", f"no teacher with id {t!r}"))
     for s, curriculum in enumerate(spec.training.stages):
         for t in curriculum.teachers or []:
             if t not in ids:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kvd.cli.options import set_option
 from kvd.errors import KvdError, Problem, SpecError
-from kvd.spec import component_refs, load_spec
+from kvd.spec import ModelRef, component_refs, load_spec
 
 
 def validate(
@@ -20,7 +20,7 @@ def validate(
     """Check a run spec: keys, types, component names and options, model files. Loads no weights."""
     spec = load_spec(spec_path, overrides)
     problems: list[Problem] = []
-    models = [(f"teachers.{i}", t) for i, t in enumerate(spec.teachers)]
+    models: list[tuple[str, ModelRef]] = [(f"teachers.{i}", t) for i, t in enumerate(spec.teachers)]
     models.append(("student", spec.student))
     described = {}
     for loc, ref in models:
@@ -38,8 +38,8 @@ def validate(
     table = Table(title=f"{spec_path}: valid")
     table.add_column("location")
     table.add_column("component")
-    for loc, ref in component_refs(spec):
-        table.add_row(loc, described.get(loc, ref.component_name))
+    for loc, component in component_refs(spec):
+        table.add_row(loc, described.get(loc, component.component_name))
     Console(highlight=False).print(table)
 
 

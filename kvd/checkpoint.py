@@ -1,0 +1,167 @@
+"""Atomic checkpoints: written under a temporary name, fsynced, a sha256 manifest written last,
+then renamed into place. A checkpoint without a valid manifest is never loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint on disk and the step it was taken after."""
+
+    path: Path
+    step: int
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process uses: python, numpy, torch CPU and CUDA."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    state: dict[str, Any],
+    rng: dict[str, Any],
+) -> CheckpointInfo:
+    """Write `root/step-NNNNNNNN` atomically: weights (safetensors), optimizer and RNG (torch,
+    loadable with weights_only=True), state.json, then manifest.json with every file's sha256."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    # clone: tied weights share storage, which safetensors refuses to write twice
+    save_file({k: v.detach().cpu().clone() for k, v in model.items()}, tmp / "model.safetensors")
+    torch.save(optimizer, tmp / "optimizer.pt")
+    torch.save(_rng_to_saveable(rng), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        _fsync(tmp / name)
+    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / MANIFEST)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync(root)
+    return CheckpointInfo(final, step)
+
+
+def _rng_to_saveable(rng: dict[str, Any]) -> dict[str, Any]:
+    """numpy's state tuple holds an ndarray; store its parts as tensors for weights_only loads."""
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    out = dict(rng)
+    out["numpy"] = [name, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached]
+    out["python"] = [rng["python"][0], list(rng["python"][1]), rng["python"][2]]
+    return out
+
+
+def _rng_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = saved["numpy"]
+    out = dict(saved)
+    out["numpy"] = (name, keys.numpy(), pos, has_gauss, cached)
+    version, internal, gauss = saved["python"]
+    out["python"] = (version, tuple(internal), gauss)
+    return out
+
+
+def verify(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint, else why it is not."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        return "no manifest (incomplete write)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "unreadable manifest"
+    for name, digest in files.items():
+        if not (path / name).exists():
+            return f"missing {name}"
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def list_checkpoints(root: Path) -> tuple[list[CheckpointInfo], list[tuple[Path, str]]]:
+    """Valid checkpoints by step, and the invalid ones with the reason."""
+    valid, invalid = [], []
+    if not root.exists():
+        return [], []
+    for path in sorted(root.glob(f"{PREFIX}*")):
+        problem = verify(path)
+        if problem is None:
+            valid.append(CheckpointInfo(path, int(path.name[len(PREFIX) :])))
+        else:
+            invalid.append((path, problem))
+    return valid, invalid
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Weights, optimizer state, run state and RNG of a verified checkpoint."""
+    return {
+        "model": load_file(path / "model.safetensors"),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "rng": _rng_from_saved(torch.load(path / "rng.pt", weights_only=True)),
+        "state": json.loads((path / "state.json").read_text()),
+    }
+
+
+def prune(root: Path, keep: int, protect: set[Path]) -> None:
+    """Delete all but the newest `keep` valid checkpoints, never one in `protect` (the best)."""
+    valid, _ = list_checkpoints(root)
+    for info in valid[:-keep]:
+        if info.path not in protect:
+            shutil.rmtree(info.path)

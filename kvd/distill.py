@@ -1,0 +1,305 @@
+"""The learned half of a step: student forward, projection, fusion and losses, in one module.
+
+`DistillModel` holds everything that trains (the student, a K/V projector per teacher and
+distilled layer, the fusion) so one DDP wrapper synchronises all of it. Its forward takes the
+teachers' targets (see kvd.targets) and returns the weighted total loss with its parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kvd.align.rope import RopeAligner
+from kvd.capture import capture_kv
+from kvd.errors import PlanError
+from kvd.fusion.base import Fusion, FusionInput, fuse, fused_mask
+from kvd.losses.base import Loss
+from kvd.project.base import KVProjector, Projector
+from kvd.targets import TeacherTargets
+from kvd.types import KVShape
+
+Direction = Literal["teacher_to_student", "student_to_teacher"]
+
+
+@dataclass
+class LossTerm:
+    """One configured loss: its module, weight in the total, and the teachers it applies to."""
+
+    name: str
+    module: Loss
+    weight: float
+    teachers: list[str]
+
+
+@dataclass
+class Stage:
+    """A curriculum stage from `start_step` on: the active teachers, fusion and losses."""
+
+    start_step: int
+    teachers: list[str]
+    fusion: Fusion
+    losses: list[LossTerm]
+
+
+@dataclass
+class StepOutput:
+    """total: the scalar to backpropagate; parts: detached floats by name for logging
+    (`loss/<name>`, `loss/<name>/<teacher>`, `loss/<name>/L<layer>`, `route/L<layer>/<teacher>`)."""
+
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+    routing: dict[int, Tensor] = field(default_factory=dict)
+
+
+def projector_key(teacher: str, layer: int) -> str:
+    return f"{teacher}__L{layer}"
+
+
+class DistillModel(nn.Module):
+    """Student + projectors + fusion + losses.
+
+    teacher_shapes: KV shape per teacher id; teacher_layers: the student layers each teacher's
+    plan distils; teacher_weights: spec weights (per-teacher losses are weighted by them,
+    normalised over the teachers a loss uses).
+    """
+
+    def __init__(
+        self,
+        student: Any,
+        student_shape: KVShape,
+        *,
+        teacher_shapes: dict[str, KVShape],
+        teacher_layers: dict[str, list[int]],
+        teacher_weights: dict[str, float],
+        projector_cls: type[Projector],
+        projector_config: Any,
+        direction: Direction,
+        stages: list[Stage],
+        rope: RopeAligner,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher_ids = list(teacher_shapes)
+        self.teacher_layers = teacher_layers
+        self.teacher_weights = teacher_weights
+        self.direction = direction
+        self.rope = rope
+        self.layers = sorted({j for layers in teacher_layers.values() for j in layers})
+        self.stages = stages
+        self.stage_fusions = nn.ModuleList(stage.fusion for stage in stages)
+        self.loss_modules = nn.ModuleList(t.module for stage in stages for t in stage.losses)
+        self.stage_index = 0
+        projectors = {}
+        for tid, shape in teacher_shapes.items():
+            source, target = (
+                (shape, student_shape)
+                if direction == "teacher_to_student"
+                else (student_shape, shape)
+            )
+            for j in teacher_layers[tid]:
+                projectors[projector_key(tid, j)] = KVProjector(
+                    projector_cls, projector_config, source, target
+                )
+        self.projectors = nn.ModuleDict(projectors)
+        self.student_shape = student_shape
+        for stage in stages:
+            if direction == "student_to_teacher" and stage.fusion.routes_on_features:
+                raise PlanError(
+                    "projector.direction student_to_teacher compares in each teacher's own "
+                    f"space, where fusion {type(stage.fusion).__name__} cannot route",
+                    hint="use fusion fixed or mean, or direction teacher_to_student",
+                )
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.stage_index]
+
+    @property
+    def fusion(self) -> Fusion:
+        return self.stage.fusion
+
+    @property
+    def loss_terms(self) -> list[LossTerm]:
+        return self.stage.losses
+
+    def set_step(self, step: int) -> bool:
+        """Select the stage in force at optimizer step `step`; True when it changed."""
+        index = max(i for i, s in enumerate(self.stages) if s.start_step <= step)
+        changed = index != self.stage_index
+        self.stage_index = index
+        return changed
+
+    def heads_parameters(self) -> list[nn.Parameter]:
+        """Learned parameters besides the student's (projectors, fusions, losses)."""
+        mods = [self.projectors, self.stage_fusions, self.loss_modules]
+        return [p for m in mods for p in m.parameters()]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        targets: dict[str, TeacherTargets],
+        task: Tensor | None = None,
+    ) -> StepOutput:
+        """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
+        need_kv = any(t.module.inputs in ("kv", "kv_raw") for t in self.loss_terms)
+        cap = capture_kv(
+            self.student,
+            input_ids,
+            attention_mask,
+            layers=self.layers if need_kv else [],
+            grad=True,
+        )
+        assert cap.logits is not None
+        kv = self.rope.apply(cap.kv, self.student) if need_kv else cap.kv
+        s_keys = dict(zip(kv.layers, kv.keys, strict=True))
+        s_values = dict(zip(kv.layers, kv.values, strict=True))
+        out = StepOutput(total=cap.logits.new_zeros(()))
+        mask = attention_mask.bool()
+        for term in self.loss_terms:
+            if term.module.inputs == "ce":
+                value = term.module(cap.logits, input_ids, mask)
+            elif term.module.inputs == "kv" and self.direction == "teacher_to_student":
+                value = self._fused_kv(term, s_keys, s_values, targets, task, out)
+            else:
+                value = self._per_teacher(term, cap.logits, s_keys, s_values, targets, out)
+            out.parts[f"loss/{term.name}"] = float(value.detach())
+            out.total = out.total + term.weight * value
+        out.parts["loss/total"] = float(out.total.detach())
+        return out
+
+    # -- per-teacher terms ---------------------------------------------------------------------
+
+    def _per_teacher(
+        self,
+        term: LossTerm,
+        logits: Tensor,
+        s_keys: dict[int, Tensor],
+        s_values: dict[int, Tensor],
+        targets: dict[str, TeacherTargets],
+        out: StepOutput,
+    ) -> Tensor:
+        """A loss computed per teacher, weighted by the teachers' normalised spec weights."""
+        active = [t for t in term.teachers if t in targets]
+        total = logits.new_zeros(())
+        for tid, w in self._weights(active).items():
+            t = targets[tid]
+            if term.module.inputs == "logits":
+                if t.logits is None:
+                    continue
+                value = term.module(logits, t.logits, t.mask)
+            elif term.module.inputs == "kv_raw":
+                value = self._raw(term.module, s_keys, s_values, t)
+            else:
+                value = self._s2t(term, tid, t, s_keys, s_values, out)
+            out.parts[f"loss/{term.name}/{tid}"] = float(value.detach())
+            total = total + w * value
+        return total
+
+    def _weights(self, teachers: list[str]) -> dict[str, float]:
+        total = sum(self.teacher_weights[t] for t in teachers)
+        return {t: self.teacher_weights[t] / total for t in teachers} if total > 0 else {}
+
+    def _raw(
+        self, loss: Loss, s_keys: dict[int, Tensor], s_values: dict[int, Tensor], t: TeacherTargets
+    ) -> Tensor:
+        layers = [j for j in t.keys if j in s_keys]
+        values = [
+            loss(s_keys[j], s_values[j], t.keys[j].float(), t.values[j].float(), t.mask)
+            for j in layers
+        ]
+        return torch.stack(values).mean()
+
+    def _s2t(
+        self,
+        term: LossTerm,
+        tid: str,
+        t: TeacherTargets,
+        s_keys: dict[int, Tensor],
+        s_values: dict[int, Tensor],
+        out: StepOutput,
+    ) -> Tensor:
+        values = []
+        for j in t.keys:
+            pk, pv = self.projectors[projector_key(tid, j)](s_keys[j], s_values[j])
+            value = 0.5 * (
+                term.module(pk, t.keys[j].float(), t.mask)
+                + term.module(pv, t.values[j].float(), t.mask)
+            )
+            out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(value.detach())
+            values.append(value)
+        return torch.stack(values).mean()
+
+    # -- fused teacher->student KV ------------------------------------------------------------
+
+    def _fused_kv(
+        self,
+        term: LossTerm,
+        s_keys: dict[int, Tensor],
+        s_values: dict[int, Tensor],
+        targets: dict[str, TeacherTargets],
+        task: Tensor | None,
+        out: StepOutput,
+    ) -> Tensor:
+        values = []
+        for index, j in enumerate(self.layers):
+            sk, sv = s_keys[j], s_values[j]
+            tk, tv, tmask = self._projected_targets(j, sk, targets)
+            ce = None
+            if self.fusion.needs_teacher_ce:
+                ce = torch.stack([self._teacher_ce(targets, tid, sk) for tid in self.teacher_ids])
+            routed = self.fusion(
+                FusionInput(
+                    teacher=tk,
+                    student=sk.detach(),
+                    mask=tmask,
+                    layer=index,
+                    task=task,
+                    teacher_ce=ce,
+                )
+            )
+            fmask = fused_mask(tmask)
+            value = (
+                0.5
+                * (
+                    term.module(sk, fuse(tk, routed.weights), fmask)
+                    + term.module(sv, fuse(tv, routed.weights), fmask)
+                )
+                + routed.aux_loss
+            )
+            out.parts[f"loss/{term.name}/L{j}"] = float(value.detach())
+            out.routing[j] = routed.weights.detach()
+            values.append(value)
+        return torch.stack(values).mean()
+
+    def _projected_targets(
+        self, j: int, like: Tensor, targets: dict[str, TeacherTargets]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Every teacher's K, V at student layer j in student geometry: [N, B, Hs, Ts, Ds] each,
+        and mask [N, B, Ts] (all False for teachers inactive now or not mapping layer j)."""
+        ks, vs, masks = [], [], []
+        for tid in self.teacher_ids:
+            t = targets.get(tid)
+            if t is None or j not in t.keys:
+                ks.append(torch.zeros_like(like))
+                vs.append(torch.zeros_like(like))
+                masks.append(
+                    torch.zeros(like.shape[0], like.shape[2], dtype=torch.bool, device=like.device)
+                )
+                continue
+            pk, pv = self.projectors[projector_key(tid, j)](t.keys[j].float(), t.values[j].float())
+            ks.append(pk)
+            vs.append(pv)
+            masks.append(t.mask)
+        return torch.stack(ks), torch.stack(vs), torch.stack(masks)
+
+    @staticmethod
+    def _teacher_ce(targets: dict[str, TeacherTargets], tid: str, like: Tensor) -> Tensor:
+        t = targets.get(tid)
+        if t is None or t.ce is None:
+            return torch.full((like.shape[0],), float("inf"), device=like.device)
+        return t.ce

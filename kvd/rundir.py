@@ -1,0 +1,90 @@
+"""The run directory: created once, never overwritten; resolved spec and environment inside."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import kvd
+from kvd.errors import KvdError
+from kvd.manager import get_plugins
+
+RUN_MARKERS = ("spec.yaml", "metrics.jsonl", "checkpoints")
+
+
+def holds_run(path: Path) -> bool:
+    """Whether `path` already holds a kvd run."""
+    return any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def create_run_dir(path: Path) -> Path:
+    """Make a new, empty run directory; refuse one that holds a run or any other file."""
+    if path.exists() and not path.is_dir():
+        raise KvdError(f"output.dir {path}: exists and is not a directory")
+    if path.exists() and holds_run(path):
+        raise KvdError(
+            f"output.dir {path}: already holds a run",
+            hint="resume it with --resume, or pick another dir with --set output.dir=...",
+        )
+    if path.exists() and any(path.iterdir()):
+        raise KvdError(
+            f"output.dir {path}: is not empty; kvd never writes into a folder with other files",
+            hint="pick an empty or new folder with --set output.dir=...",
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_spec(path: Path, spec_data: dict[str, Any]) -> None:
+    """The resolved spec, as YAML that `kvd train` accepts again."""
+    (path / "spec.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False), encoding="utf-8")
+
+
+def environment() -> dict[str, Any]:
+    """Versions, devices and plugins of this process (no machine paths)."""
+    import transformers
+
+    plugins = get_plugins()
+    return {
+        "kvd": kvd.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        or ["cpu"],
+        "threads": torch.get_num_threads(),
+        "plugins": {name: f"{i.package} {i.version}" for name, i in sorted(plugins.info.items())},
+    }
+
+
+def write_environment(path: Path) -> None:
+    (path / "environment.json").write_text(json.dumps(environment(), indent=2), encoding="utf-8")
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed after every record so a killed run keeps its history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

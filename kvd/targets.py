@@ -1,0 +1,102 @@
+"""The teachers' half of a step: parameter-free targets at student positions (cacheable).
+
+Per teacher: tokenise the batch texts, one no-grad forward capturing K/V of the teacher layers
+the layer plan reads, keys to the rope aligner's space, layers blended by the plan, positions
+mapped to the student's by the token aligner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvd.align.base import LayerPlan, TokenAligner
+from kvd.align.rope import RopeAligner
+from kvd.capture import capture_kv
+from kvd.models import LoadedModel
+from kvd.tokenize import tokenize
+from kvd.types import TokenBatch
+
+
+@dataclass
+class TeacherRuntime:
+    """A loaded teacher, its spec id and weight, and its layer plan onto the student."""
+
+    id: str
+    weight: float
+    loaded: LoadedModel
+    plan: LayerPlan
+    add_bos: bool
+    max_length: int | None = None
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher's targets for one batch, at student positions.
+
+    keys[j], values[j]: [B, Ht, Ts, Dt] for each student layer j the plan distils (keys in the
+    rope aligner's space); mask: [B, Ts] bool, True where the student token is real and has a
+    causally valid teacher token; logits: [B, Ts, Vt] aligned teacher logits or None;
+    ce: [B] the teacher's mean next-token NLL per sequence on its own tokens, or None.
+    """
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per row: logits [B, T, V], ids [B, T], mask [B, T] -> [B]."""
+    valid = (mask[:, 1:] & mask[:, :-1]).float()
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: TeacherRuntime,
+    texts: list[str],
+    student: TokenBatch,
+    *,
+    token_aligner: TokenAligner,
+    rope: RopeAligner,
+    want_logits: bool,
+    want_ce: bool,
+    device: torch.device,
+) -> TeacherTargets:
+    """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU)."""
+    batch = tokenize(
+        teacher.loaded.tokenizer, texts, max_length=teacher.max_length, add_bos=teacher.add_bos
+    )
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    model = teacher.loaded.model
+    cap = capture_kv(
+        model, ids, mask, layers=teacher.plan.teacher_layers, logits=want_logits or want_ce
+    )
+    kv = rope.apply(cap.kv, model)
+    alignment = token_aligner.align(student, batch)
+    alignment.index = alignment.index.to(device)
+    alignment.weight = alignment.weight.to(device)
+    keys = dict(zip(kv.layers, kv.keys, strict=True))
+    values = dict(zip(kv.layers, kv.values, strict=True))
+    out_k: dict[int, torch.Tensor] = {}
+    out_v: dict[int, torch.Tensor] = {}
+    for j, (k, v) in enumerate(
+        zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
+    ):
+        if k is not None and v is not None:
+            out_k[j] = alignment.gather(k)
+            out_v[j] = alignment.gather(v)
+    logits = None
+    if want_logits and cap.logits is not None:
+        logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
+    ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
+    valid = alignment.mask.to(device) & student.attention_mask.to(device)
+    return TeacherTargets(out_k, out_v, valid, logits, ce)

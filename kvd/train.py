@@ -1,0 +1,575 @@
+"""The training loop of `kvd train`: build the run from a spec, then distil step by step.
+
+Reads top to bottom like a recipe: models -> alignment plans -> data -> learned parts ->
+optimizer -> loop (teacher targets, student step, update, log, validate, checkpoint) -> outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from kvd.align.base import LayerAligner, LayerPlan, TokenAligner
+from kvd.align.rope import RopeAligner
+from kvd.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from kvd.data import Data, build_data, write_manifest
+from kvd.data.packing import BatchStream, DataState
+from kvd.distill import DistillModel, LossTerm, Stage
+from kvd.errors import KvdError, PlanError
+from kvd.evaluate import LMMetrics, evaluate_lm
+from kvd.models import LoadedModel
+from kvd.progress import Progress
+from kvd.rundir import MetricsLog, create_run_dir, holds_run, write_environment, write_spec
+from kvd.schedule import lr_factor
+from kvd.spec import FusionRef, LossRef, RunSpec, TeacherRef
+from kvd.targets import TeacherRuntime, TeacherTargets, teacher_targets
+from kvd.tokenize import tokenize
+from kvd.types import KVShape
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: device and its rank among `world` processes."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: final validation metrics and where the run lives."""
+
+    run_dir: Path
+    steps: int
+    validation: LMMetrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def setup_runtime(device: str) -> Runtime:
+    """Device and process group: under torchrun (WORLD_SIZE > 1) NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world)
+
+
+# --- building the run ---------------------------------------------------------------------------
+
+
+def load_model(ref: Any, device: torch.device, where: str) -> LoadedModel:
+    """Load a teacher or the student, turning load failures into errors that name the model."""
+    source = ref.build()
+    try:
+        return source.load(device=device, dtype=DTYPES[ref.dtype])
+    except torch.OutOfMemoryError:
+        raise KvdError(
+            f"{where}: out of memory loading {source.describe()} on {device}",
+            hint="use dtype: bfloat16, fewer teachers, or a bigger device",
+        ) from None
+
+
+def kv_shape(loaded: LoadedModel) -> KVShape:
+    return KVShape(loaded.geometry.num_kv_heads, loaded.geometry.head_dim)
+
+
+def layer_plans(
+    aligner: LayerAligner,
+    teachers: list[tuple[TeacherRef, LoadedModel]],
+    student: LoadedModel,
+    calibration_texts: list[str],
+    token_aligner: TokenAligner,
+    rope: RopeAligner,
+    device: torch.device,
+) -> dict[str, LayerPlan]:
+    """One layer plan per teacher; CKA plans are computed on a calibration batch."""
+    plans = {}
+    n_student = student.geometry.num_layers
+    for ref, loaded in teachers:
+        n_teacher = loaded.geometry.num_layers
+        calibration = None
+        if aligner.needs_calibration:
+            from kvd.calibrate import layer_calibration
+
+            calibration = layer_calibration(
+                loaded, student, calibration_texts, token_aligner, rope, device
+            )
+        try:
+            plans[ref.id] = aligner.plan(n_teacher, n_student, calibration)
+        except PlanError as exc:
+            raise PlanError(f"alignment.layers for teacher {ref.id!r}: {exc.message}") from None
+    return plans
+
+
+def loss_terms(refs: list[LossRef], teacher_ids: list[str]) -> list[LossTerm]:
+    """Loss modules from their spec entries (each built from its own Config); a name used twice
+    is logged with its index."""
+    names = [ref.name for ref in refs]
+    return [
+        LossTerm(
+            ref.name if names.count(ref.name) == 1 else f"{ref.name}{i}",
+            ref.component(ref.config),
+            ref.weight,
+            ref.teachers or teacher_ids,
+        )
+        for i, ref in enumerate(refs)
+    ]
+
+
+def build_stages(
+    spec: RunSpec, n_layers: int, kv_dim: int, n_tasks: int, teacher_ids: list[str]
+) -> list[Stage]:
+    """The base stage from the spec's fusion/losses, then each training.stages entry."""
+    weights = [t.weight for t in spec.teachers]
+
+    def fusion_of(ref: FusionRef) -> Any:
+        return ref.component(
+            ref.config,
+            n_teachers=len(teacher_ids),
+            n_layers=max(n_layers, 1),
+            kv_dim=kv_dim,
+            n_tasks=n_tasks,
+            teacher_weights=weights,
+        )
+
+    stages = [Stage(0, teacher_ids, fusion_of(spec.fusion), loss_terms(spec.losses, teacher_ids))]
+    for entry in spec.training.stages:
+        prev = stages[-1]
+        if entry.start_step == 0:
+            stages.pop()
+        stages.append(
+            Stage(
+                entry.start_step,
+                entry.teachers or prev.teachers,
+                fusion_of(entry.fusion) if entry.fusion else prev.fusion,
+                loss_terms(entry.losses, teacher_ids) if entry.losses else prev.losses,
+            )
+        )
+    return stages
+
+
+def uses_teachers(spec: RunSpec) -> bool:
+    """Whether any loss of any stage reads teacher outputs (a CE-only run loads no teacher)."""
+    refs = list(spec.losses) + [x for st in spec.training.stages for x in st.losses or []]
+    return any(ref.component.inputs != "ce" for ref in refs)
+
+
+def check_lengths(spec: RunSpec, models: dict[str, LoadedModel]) -> None:
+    """A sequence length beyond what a model's positions allow is bad input, named by model."""
+    for where, loaded in models.items():
+        limit = loaded.geometry.max_position
+        if limit is not None and spec.data.seq_len > limit:
+            raise KvdError(
+                f"data.seq_len {spec.data.seq_len} exceeds {where}'s {limit} positions",
+                hint=f"set data.seq_len <= {limit}",
+            )
+
+
+class Trainer:
+    """Everything a run needs, built once from the spec; `run()` trains to max_steps."""
+
+    def __init__(self, spec: RunSpec, run_dir: Path, runtime: Runtime, base_dir: Path) -> None:
+        self.spec = spec
+        self.run_dir = run_dir
+        self.rt = runtime
+        torch.manual_seed(spec.seed)
+        dev = runtime.device
+        # 1. models: teachers frozen in eval mode, the student in train mode
+        self.student = load_model(spec.student, dev, "student")
+        teachers = [
+            (ref, load_model(ref, dev, f"teachers.{i}")) for i, ref in enumerate(spec.teachers)
+        ]
+        for _, loaded in teachers:
+            loaded.model.eval().requires_grad_(False)
+        check_lengths(spec, {"student": self.student} | {r.id: m for r, m in teachers})
+        self.student.model.train()
+        if spec.training.activation_checkpointing:
+            self.student.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        # 2. data, split by content hash; windows cut in student tokens
+        self.data: Data = build_data(
+            spec.data,
+            student_tokenizer=self.student.tokenizer,
+            base_dir=base_dir,
+            add_bos=self.student.geometry.adds_bos,
+            min_tokens=spec.data.min_tokens,
+        )
+        # 3. parameter-free alignment
+        self.token_aligner: TokenAligner = spec.alignment.tokens.component(
+            spec.alignment.tokens.config
+        )
+        self.rope: RopeAligner = spec.alignment.rope.component(spec.alignment.rope.config)
+        layer_aligner: LayerAligner = spec.alignment.layers.component(spec.alignment.layers.config)
+        calibration = [w.text for w in self.data.validation[: spec.training.batch_size]]
+        plans = layer_plans(
+            layer_aligner, teachers, self.student, calibration, self.token_aligner, self.rope, dev
+        )
+        self.teachers = [
+            TeacherRuntime(ref.id, ref.weight, loaded, plans[ref.id], loaded.geometry.adds_bos)
+            for ref, loaded in teachers
+        ]
+        # 4. learned parts: projectors per (teacher, layer), fusion, losses
+        ids = [t.id for t in self.teachers]
+        n_layers = len({j for p in plans.values() for j in p.student_layers})
+        s_shape = kv_shape(self.student)
+        self.model = DistillModel(
+            self.student.model,
+            s_shape,
+            teacher_shapes={t.id: kv_shape(t.loaded) for t in self.teachers},
+            teacher_layers={t.id: t.plan.student_layers for t in self.teachers},
+            teacher_weights={t.id: t.weight for t in self.teachers},
+            projector_cls=spec.projector.component,
+            projector_config=spec.projector.config,
+            direction=spec.projector.direction,
+            stages=build_stages(spec, n_layers, s_shape.head_dim, len(self.data.tasks), ids),
+            rope=self.rope,
+        ).to(dev)
+        self.wrapped: Any = self.model
+        if runtime.world > 1:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=len(self.model.stages) > 1,
+            )
+        # 5. optimizer: separate learning rates for the student and the heads
+        tr = spec.training
+        heads = self.model.heads_parameters()
+        head_ids = {id(p) for p in heads}
+        student_params = [p for p in self.model.student.parameters() if id(p) not in head_ids]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": student_params, "lr": tr.lr},
+                {"params": heads, "lr": tr.projector_lr or tr.lr},
+            ],
+            weight_decay=tr.weight_decay,
+        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.stream = BatchStream(self.data.train, tr.batch_size * runtime.world, seed=spec.seed)
+        self.step = 0
+        self.tokens = 0
+        self.nonfinite = 0
+        self.best: tuple[float, Path] | None = None
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def needs(self, kind: str) -> bool:
+        return any(t.module.inputs == kind for t in self.model.loss_terms)
+
+    def targets(self, texts: list[str], student_batch: Any) -> dict[str, TeacherTargets]:
+        active = set(self.model.stage.teachers)
+        want_logits = self.needs("logits")
+        want_ce = self.model.fusion.needs_teacher_ce
+        return {
+            t.id: teacher_targets(
+                t,
+                texts,
+                student_batch,
+                token_aligner=self.token_aligner,
+                rope=self.rope,
+                want_logits=want_logits,
+                want_ce=want_ce,
+                device=self.rt.device,
+            )
+            for t in self.teachers
+            if t.id in active
+        }
+
+    def train_step(self) -> dict[str, Any]:
+        """Gradient accumulation over micro-batches, NaN guard, clipping, update."""
+        tr = self.spec.training
+        factor = lr_factor(
+            self.step, warmup=tr.warmup_steps, total=tr.max_steps, schedule=tr.schedule
+        )
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        started = time.perf_counter()
+        parts: dict[str, float] = {}
+        routing: dict[int, torch.Tensor] = {}
+        tokens = 0
+        for _ in range(tr.grad_accum):
+            batch = next(self.stream)
+            texts = batch.texts[self.rt.rank :: self.rt.world]
+            s_batch = tokenize(
+                self.student.tokenizer,
+                texts,
+                max_length=self.spec.data.seq_len,
+                add_bos=self.student.geometry.adds_bos,
+            )
+            targets = self.targets(texts, s_batch)
+            task = self.data.tasks.ids(batch.tasks[self.rt.rank :: self.rt.world]).to(
+                self.rt.device
+            )
+            with torch.autocast(
+                self.rt.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
+            ):
+                out = self.wrapped(
+                    s_batch.input_ids.to(self.rt.device),
+                    s_batch.attention_mask.to(self.rt.device),
+                    targets,
+                    task,
+                )
+            (out.total / tr.grad_accum).backward()
+            tokens += int(s_batch.attention_mask.sum())
+            for key, value in out.parts.items():
+                parts[key] = parts.get(key, 0.0) + value / tr.grad_accum
+            routing = out.routing
+        grad_norm = self._clip()
+        finite = math.isfinite(parts["loss/total"]) and math.isfinite(grad_norm)
+        finite = self._all_ranks(finite)
+        if finite:
+            self.optimizer.step()
+            self.nonfinite = 0
+        else:
+            self.nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += tokens * self.rt.world
+        elapsed = time.perf_counter() - started
+        record: dict[str, Any] = {
+            "step": self.step + 1,
+            "tokens": self.tokens,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens * self.rt.world / max(elapsed, 1e-9),
+            "step_s": elapsed,
+            "skipped": not finite,
+            **parts,
+        }
+        record.update(self._routing_record(routing, batch.tasks[self.rt.rank :: self.rt.world]))
+        if self.rt.device.type == "cuda":
+            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
+        else:
+            import resource
+
+            record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return record
+
+    def _clip(self) -> float:
+        clip = self.spec.training.clip_grad_norm
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        return float(norm)
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """Every rank agrees: True only if `flag` holds on all of them."""
+        if self.rt.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item() > 0)
+
+    def _routing_record(
+        self, routing: dict[int, torch.Tensor], tasks: list[str]
+    ) -> dict[str, float]:
+        """Mean routing weight per layer and teacher, and per task and teacher."""
+        out: dict[str, float] = {}
+        ids = [t.id for t in self.teachers]
+        per_task: dict[str, list[torch.Tensor]] = {}
+        for layer, w in routing.items():  # w: [B, T, N]
+            valid = w.sum(-1) > 0  # [B, T]
+            mean = (w * valid[..., None]).sum((0, 1)) / valid.sum().clamp_min(1)
+            for n, tid in enumerate(ids):
+                out[f"route/L{layer}/{tid}"] = float(mean[n])
+            for b, task in enumerate(tasks):
+                row = (w[b] * valid[b, :, None]).sum(0) / valid[b].sum().clamp_min(1)
+                per_task.setdefault(task, []).append(row)
+        for task, rows in per_task.items():
+            mean = torch.stack(rows).mean(0)
+            for n, tid in enumerate(ids):
+                out[f"route/task/{task}/{tid}"] = float(mean[n])
+        return out
+
+    # -- validation, checkpoints, outputs ------------------------------------------------------
+
+    def validate(self) -> LMMetrics:
+        ev = self.spec.evaluation
+        windows = self.data.validation[: ev.batches * self.spec.training.batch_size]
+        return evaluate_lm(
+            self.student.model,
+            self.student.tokenizer,
+            [w.text for w in windows],
+            batch_size=self.spec.training.batch_size,
+            max_length=self.spec.data.seq_len,
+            add_bos=self.student.geometry.adds_bos,
+            device=self.rt.device,
+        )
+
+    def checkpoint(self, val_bpb: float | None) -> None:
+        if not self.rt.main:
+            return
+        root = self.run_dir / "checkpoints"
+        info = save_checkpoint(
+            root,
+            self.step,
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            state={
+                "tokens": self.tokens,
+                "data": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
+                "stage": self.model.stage_index,
+                "val_bits_per_byte": val_bpb,
+                "world": self.rt.world,
+            },
+            rng=rng_state(),
+        )
+        if val_bpb is not None and (self.best is None or val_bpb < self.best[0]):
+            self.best = (val_bpb, info.path)
+            (self.run_dir / "best.json").write_text(
+                json.dumps(
+                    {"step": self.step, "val_bits_per_byte": val_bpb, "path": info.path.name}
+                )
+            )
+        prune(root, self.spec.training.keep_checkpoints, {self.best[1]} if self.best else set())
+
+    def restore(self, path: Path) -> None:
+        saved = load_checkpoint(path)
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.stream = BatchStream(
+            self.data.train,
+            self.spec.training.batch_size * self.rt.world,
+            seed=self.spec.seed,
+            state=DataState(**state["data"]),
+        )
+        self.model.set_step(self.step)
+        set_rng_state(saved["rng"])
+
+    def save_outputs(self, metrics: LMMetrics) -> None:
+        """The student in HF format with its tokenizer, the heads, and the final metrics."""
+        if not self.rt.main:
+            return
+        out = self.run_dir / "student"
+        self.model.student.save_pretrained(out)
+        self.student.tokenizer.save_pretrained(out)
+        heads = {
+            k: v.detach().cpu().clone()
+            for k, v in self.model.state_dict().items()
+            if not k.startswith("student.")
+        }
+        if heads:
+            save_file(heads, self.run_dir / "heads.safetensors")
+        (self.run_dir / "results.json").write_text(
+            json.dumps(
+                {"step": self.step, "tokens": self.tokens, "validation": metrics.as_dict()},
+                indent=2,
+            )
+        )
+
+    def run(self, log: MetricsLog | None, progress: Progress) -> TrainResult:
+        tr = self.spec.training
+        ev = self.spec.evaluation
+        max_steps = tr.max_steps
+        progress.start(max_steps, self.step)
+        while self.step < max_steps:
+            if tr.max_tokens is not None and self.tokens >= tr.max_tokens:
+                break
+            if self.model.set_step(self.step) and log:
+                log.write({"step": self.step, "event": "stage", "stage": self.model.stage_index})
+            record = self.train_step()
+            self.step += 1
+            if self.nonfinite >= 5:
+                raise KvdError(
+                    f"training stopped: {self.nonfinite} non-finite losses or gradients in a row "
+                    f"(step {self.step}); the last good checkpoint is intact",
+                    hint="lower training.lr or check the data",
+                )
+            val = None
+            if self.step % ev.every == 0 or self.step == max_steps:
+                metrics = self.validate()
+                val = metrics.bits_per_byte
+                record.update(
+                    {
+                        "val/bits_per_byte": metrics.bits_per_byte,
+                        "val/perplexity": metrics.perplexity,
+                        "val/accuracy": metrics.accuracy,
+                    }
+                )
+            if log and (self.step % tr.log_every == 0 or val is not None):
+                log.write(record)
+            progress.update(self.step, record)
+            if self.step % tr.checkpoint_every == 0 or self.step == max_steps:
+                self.checkpoint(val)
+        progress.stop()
+        final = self.validate()
+        self.save_outputs(final)
+        return TrainResult(self.run_dir, self.step, final)
+
+
+def resume_point(run_dir: Path, resume: Path | None) -> Path | None:
+    """The checkpoint to resume from: the given one, or the newest valid one in the run."""
+    if resume is not None:
+        from kvd.checkpoint import verify
+
+        problem = verify(resume)
+        if problem:
+            raise KvdError(f"--resume {resume}: not a usable checkpoint: {problem}")
+        return resume
+    valid, _ = list_checkpoints(run_dir / "checkpoints")
+    return valid[-1].path if valid else None
+
+
+def train(
+    spec: RunSpec,
+    spec_data: dict[str, Any],
+    *,
+    base_dir: Path,
+    resume: bool | Path = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Run (or resume) the distillation described by `spec` in its output dir."""
+    runtime = setup_runtime(spec.training.device)
+    run_dir = spec.output_dir()
+    checkpoint = None
+    if resume:
+        if not holds_run(run_dir):
+            raise KvdError(f"output.dir {run_dir}: holds no run to resume")
+        checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None)
+    elif runtime.main:
+        create_run_dir(run_dir)
+        write_spec(run_dir, spec_data)
+        write_environment(run_dir)
+    trainer = Trainer(spec, run_dir, runtime, base_dir)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    if runtime.main and not resume:
+        write_manifest(trainer.data.manifest, run_dir / "split.json")
+    log = MetricsLog(run_dir / "metrics.jsonl") if runtime.main else None
+    try:
+        return trainer.run(log, progress or Progress(enabled=runtime.main))
+    finally:
+        if log:
+            log.close()
