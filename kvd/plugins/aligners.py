@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from kvd.align.layers import CKALayerAligner, ExplicitLayerAligner, UniformLayerAligner
+from kvd.align.time import ResampleAligner, SegmentResampleAligner
+from kvd.align.tokens import HardTokenAligner, SoftTokenAligner
 from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl
 def register_aligners(register: Register) -> None:
-    del register
+    register("soft", SoftTokenAligner)
+    register("hard", HardTokenAligner)
+    register("resample", ResampleAligner)
+    register("segment_resample", SegmentResampleAligner)
+    register("uniform", UniformLayerAligner)
+    register("explicit", ExplicitLayerAligner)
+    register("cka", CKALayerAligner)
