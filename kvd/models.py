@@ -44,3 +44,7 @@ class ModelSource:
     def load(self, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         """The model in eval mode on `device`, its tokenizer and geometry."""
         raise NotImplementedError
+
+    def tokenizer(self) -> Any:
+        """The tokenizer alone (a `PreTrainedTokenizerFast`), without the model's weights."""
+        raise NotImplementedError

