@@ -313,7 +313,10 @@ def parse_spec(
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, pydantic_problems(exc)) from None
+        found = pydantic_problems(exc)
+        seen = {(p.loc, p.message) for p in found}
+        found += [p for p in raw_component_problems(data) if (p.loc, p.message) not in seen]
+        raise SpecError(source, found) from None
     problems = resolve_components(spec)
     if problems:
         raise SpecError(source, problems)
@@ -354,18 +357,59 @@ def component_refs(spec: RunSpec) -> list[tuple[str, ComponentRef]]:
     return refs
 
 
+def check_ref(loc: str, ref: ComponentRef) -> list[Problem]:
+    """Look up one component and validate its options against its Config (kept on the ref)."""
+    reg = registry(ref.kind)
+    if ref.component_name not in reg:
+        return [Problem(f"{loc}.{ref.key}", reg.unknown_message(ref.component_name))]
+    try:
+        ref._config = config_class(ref.component).model_validate(ref.options())
+    except ValidationError as exc:
+        return pydantic_problems(exc, prefix=loc)
+    return []
+
+
+def raw_component_problems(data: dict[str, Any]) -> list[Problem]:
+    """Component problems found in a mapping that failed validation elsewhere, so that one run
+    reports everything: each component entry that parses on its own is resolved."""
+    entries: list[tuple[str, type[ComponentRef], Any]] = []
+
+    def listed(loc: str, cls: type[ComponentRef], items: Any) -> None:
+        if isinstance(items, list):
+            entries.extend((f"{loc}.{i}", cls, item) for i, item in enumerate(items))
+
+    listed("teachers", TeacherRef, data.get("teachers"))
+    entries.append(("student", StudentRef, data.get("student")))
+    entries.append(("data", DataRef, data.get("data")))
+    alignment = data.get("alignment")
+    if isinstance(alignment, dict):
+        entries += [(f"alignment.{k}", AlignerRef, alignment.get(k)) for k in AlignmentSpec.STAGES]
+    entries.append(("projector", ProjectorRef, data.get("projector")))
+    entries.append(("fusion", FusionRef, data.get("fusion")))
+    listed("losses", LossRef, data.get("losses"))
+    training = data.get("training")
+    stages = training.get("stages") if isinstance(training, dict) else None
+    for s, stage in enumerate(stages if isinstance(stages, list) else []):
+        if isinstance(stage, dict):
+            entries.append((f"training.stages.{s}.fusion", FusionRef, stage.get("fusion")))
+            listed(f"training.stages.{s}.losses", LossRef, stage.get("losses"))
+    problems: list[Problem] = []
+    for loc, cls, raw in entries:
+        if not isinstance(raw, dict):
+            continue
+        try:
+            ref = cls.model_validate(raw)
+        except ValidationError:
+            continue  # already among the spec's own problems
+        problems += check_ref(loc, ref)
+    return problems
+
+
 def resolve_components(spec: RunSpec) -> list[Problem]:
     """Look up every component and validate its options; return all problems found."""
     problems: list[Problem] = []
     for loc, ref in component_refs(spec):
-        reg = registry(ref.kind)
-        if ref.component_name not in reg:
-            problems.append(Problem(f"{loc}.{ref.key}", reg.unknown_message(ref.component_name)))
-            continue
-        try:
-            ref._config = config_class(ref.component).model_validate(ref.options())
-        except ValidationError as exc:
-            problems += pydantic_problems(exc, prefix=loc)
+        problems += check_ref(loc, ref)
     for stage in AlignmentSpec.STAGES:
         ref = getattr(spec.alignment, stage)
         if ref.component_name in registry("aligners"):

@@ -2,10 +2,12 @@
 
 import sys
 
+from kvd.allocator import reexec_with_mimalloc
 from kvd.cli.app import main
 
 
 def entry() -> None:
+    reexec_with_mimalloc(sys.argv[1:])
     sys.exit(main())
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from kvd.errors import KvdError, SpecError
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# Logs and pipes get long lines rather than a table folded at 80 columns.
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
 def render_error(exc: KvdError, console: Console = stderr) -> None:
