@@ -206,7 +206,9 @@ class Trainer:
         # 1. models: teachers frozen in eval mode, the student in train mode
         self.student = load_model(spec.student, dev, "student")
         teachers = [
-            (ref, load_model(ref, dev, f"teachers.{i}")) for i, ref in enumerate(spec.teachers)
+            (ref, load_model(ref, dev, f"teachers.{i}"))
+            for i, ref in enumerate(spec.teachers)
+            if uses_teachers(spec)
         ]
         for _, loaded in teachers:
             # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
@@ -242,7 +244,7 @@ class Trainer:
             for ref, loaded in teachers
         ]
         # 4. learned parts: projectors per (teacher, layer), fusion, losses
-        ids = [t.id for t in self.teachers]
+        ids = [t.id for t in spec.teachers]  # loaded or not (a CE-only run loads none)
         n_layers = len({j for p in plans.values() for j in p.student_layers})
         s_shape = kv_shape(self.student)
         self.model = DistillModel(
@@ -398,7 +400,7 @@ class Trainer:
     ) -> dict[str, float]:
         """Mean routing weight per layer and teacher, and per task and teacher."""
         out: dict[str, float] = {}
-        ids = [t.id for t in self.teachers]
+        ids = [t.id for t in self.spec.teachers]
         per_task: dict[str, list[torch.Tensor]] = {}
         for layer, w in routing.items():  # w: [B, T, N]
             valid = w.sum(-1) > 0  # [B, T]

@@ -1,0 +1,147 @@
+"""`kvd train` end to end on tiny random models: the run dir, logs, outputs, refusal, resume."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kvd.cli.app import main
+from kvd.rundir import read_metrics
+from kvd.spec import parse_spec
+from kvd.train import train
+from tests.specs import tiny_spec
+
+
+def run(data: dict, **kwargs: object) -> object:
+    spec = parse_spec(data)
+    return train(spec, data, base_dir=Path("."), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished 4-step two-teacher run."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    data = tiny_spec(out, fusion={"name": "task_conditional"})
+    run(data)
+    return out
+
+
+def test_run_dir_holds_everything(finished: Path) -> None:
+    for name in (
+        "spec.yaml",
+        "environment.json",
+        "metrics.jsonl",
+        "split.json",
+        "results.json",
+        "heads.safetensors",
+        "student/config.json",
+    ):
+        assert (finished / name).exists(), name
+    records = [r for r in read_metrics(finished / "metrics.jsonl") if "loss/total" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    last = records[-1]
+    for key in (
+        "loss/kv_mse/L0",
+        "loss/kv_mse/L1",
+        "loss/ce",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "route/L0/llama",
+        "route/L1/qwen",
+    ):
+        assert key in last, key
+    assert any(k.startswith("route/task/") for k in last)
+    assert "val/bits_per_byte" in records[1]
+    assert yaml.safe_load((finished / "spec.yaml").read_text())["name"] == "tiny"
+
+
+def test_student_reloads_with_identical_logits(finished: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safetensors.torch import load_file
+
+    model = AutoModelForCausalLM.from_pretrained(finished / "student").eval()
+    tok = AutoTokenizer.from_pretrained(finished / "student")
+    ckpt = sorted((finished / "checkpoints").glob("step-*"))[-1]
+    weights = {
+        k.removeprefix("student."): v
+        for k, v in load_file(ckpt / "model.safetensors").items()
+        if k.startswith("student.")
+    }
+    from kvd.sources.tiny import random_model
+
+    twin = random_model(model.config, seed=0, dtype=torch.float32)
+    twin.load_state_dict(weights)
+    ids = torch.tensor([tok("def f(x): return x")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twin.eval()(ids).logits)
+
+
+def tree_hash(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_existing_run_is_refused_and_untouched(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = tree_hash(finished)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(finished)))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "Traceback" not in err
+    assert tree_hash(finished) == before
+
+
+def test_ce_only_loads_no_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tiny_spec(tmp_path / "run", losses=[{"name": "ce"}])
+    data["teachers"][0] = {"id": "missing", "source": "gguf", "path": str(tmp_path / "no.gguf")}
+    result = run(data)
+    assert result.steps == 4  # type: ignore[attr-defined]
+
+
+def test_stages_switch_teachers(tmp_path: Path) -> None:
+    data = tiny_spec(tmp_path / "run")
+    data["training"]["stages"] = [
+        {"start_step": 0, "teachers": ["llama"]},
+        {"start_step": 2, "teachers": ["llama", "qwen"]},
+    ]
+    run(data)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r]
+    assert records[0]["route/L0/qwen"] == 0.0 and records[0]["route/L0/llama"] == 1.0
+    assert records[3]["route/L0/qwen"] == pytest.approx(0.5)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight = tiny_spec(tmp_path / "a")
+    run(straight)
+    half = tiny_spec(tmp_path / "b")
+    half["training"]["max_steps"] = 2
+    run(half)
+    again = tiny_spec(tmp_path / "b")
+    run(again, resume=True)
+    a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss/total" in r]
+    b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss/total"] for r in b] == [r["loss/total"] for r in a]
+
+
+def test_nonfinite_losses_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tiny_spec(tmp_path / "run")
+    data["training"].update(max_steps=20, lr=1e30, clip_grad_norm=None, warmup_steps=0)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "Traceback" not in err
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "skipped" in r]
+    assert any(r["skipped"] for r in records)
