@@ -38,14 +38,14 @@ def test_registry_lookup_and_did_you_mean() -> None:
     reg: Registry[type] = Registry("fusions")
     reg.add("similarity", int, plugin="p", package="pkg", version="1")
     assert reg.get("similarity") is int
-    with pytest.raises(UnknownComponentError, match="did you mean 'similarity'"):
+X:
         reg.get("similarty")
 
 
 def test_duplicate_names_both_plugins() -> None:
     reg: Registry[type] = Registry("losses")
     reg.add("kv_mse", int, plugin="first", package="a", version="1")
-    with pytest.raises(DuplicateComponentError, match="'first'.*'second'"):
+    with pytest.raises(DuplicateComponentError, match=r"'first'.*'second'"):
         reg.add("kv_mse", float, plugin="second", package="b", version="2")
 
 
@@ -140,7 +140,7 @@ def test_duplicate_across_plugins_names_both(
         source=FUSION_PLUGIN,
     )
     with pytest.raises(
-        DuplicateComponentError, match="kvd_zero_plugin.*kvd_zero_two|kvd_zero_two.*kvd_zero_plugin"
+        DuplicateComponentError, match=r"kvd_zero_plugin.*kvd_zero_two|kvd_zero_two.*kvd_zero_plugin"
     ):
         load_plugins()
 

@@ -120,7 +120,9 @@ def test_validate_command_prints_table_and_exit_codes(
     assert "Traceback" not in err
 
 
-def test_validate_reports_missing_model_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_reports_missing_model_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tiny_spec(tmp_path / "run")
     data["teachers"][1] = {"id": "gone", "source": "gguf", "path": "nowhere.gguf"}
     path = tmp_path / "spec.yaml"

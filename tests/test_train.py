@@ -61,9 +61,8 @@ def test_run_dir_holds_everything(finished: Path) -> None:
 
 
 def test_student_reloads_with_identical_logits(finished: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(finished / "student").eval()
     tok = AutoTokenizer.from_pretrained(finished / "student")
