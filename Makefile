@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The main job: show the teacher/student plan, then distil the two real PyPI teachers into a
+# small student and train a CE-only baseline the same way; prints both students' validation
+# bits per byte. Each run gets a new dir under runs/ (an existing run is never overwritten).
 demo: $(STAMP)
 	$(BIN)/kvd check-shapes configs/quickstart.yaml
+	$(BIN)/kvd train configs/quickstart.yaml --baseline \
+		--set output.dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -41,7 +41,11 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        info = f"loss {record.get('loss/total', float('nan')):.4f}"
+        info = ""
+        if "loss/total" in record:
+            info = f"loss {record['loss/total']:.4f}"
+        if "cache_mb" in record:
+            info = f"{record['cache_mb']:.0f} MB written"
         if "val/bits_per_byte" in record:
             info += f"  val bpb {record['val/bits_per_byte']:.4f}"
         if self._bar is not None:

@@ -173,6 +173,9 @@ class TrainingSpec(Strict):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=2)
+    teacher_cache: str | None = Field(
+        None, description="Folder of an offline teacher cache (`kvd cache-teachers`) to read."
+    )
     stages: list[StageSpec] = Field(default_factory=list)
 
     @field_validator("stages")

@@ -27,7 +27,7 @@ class TeacherRuntime:
 
     id: str
     weight: float
-    loaded: LoadedModel
+    loaded: LoadedModel | None  # None when targets come from the offline teacher cache
     plan: LayerPlan
     add_bos: bool
     max_length: int | None = None
@@ -71,6 +71,8 @@ def teacher_targets(
     device: torch.device,
 ) -> TeacherTargets:
     """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU)."""
+    if teacher.loaded is None:
+        raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
     batch = tokenize(
         teacher.loaded.tokenizer, texts, max_length=teacher.max_length, add_bos=teacher.add_bos
     )

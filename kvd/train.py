@@ -33,14 +33,16 @@ from kvd.data.packing import BatchStream, DataState
 from kvd.distill import DistillModel, LossTerm, Stage
 from kvd.errors import KvdError, PlanError
 from kvd.evaluate import LMMetrics, evaluate_lm
+from kvd.geometry import ModelGeometry
 from kvd.models import LoadedModel
 from kvd.progress import Progress
 from kvd.rundir import MetricsLog, create_run_dir, holds_run, write_environment, write_spec
 from kvd.schedule import lr_factor
 from kvd.spec import FusionRef, LossRef, RunSpec, TeacherRef
 from kvd.targets import TeacherRuntime, TeacherTargets, teacher_targets
+from kvd.teacher_cache import FORMAT, CacheWriter, TeacherCache, pack
 from kvd.tokenize import tokenize
-from kvd.types import KVShape
+from kvd.types import KVShape, TokenBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -98,8 +100,8 @@ def load_model(ref: Any, device: torch.device, where: str) -> LoadedModel:
         ) from None
 
 
-def kv_shape(loaded: LoadedModel) -> KVShape:
-    return KVShape(loaded.geometry.num_kv_heads, loaded.geometry.head_dim)
+def kv_shape(geometry: ModelGeometry) -> KVShape:
+    return KVShape(geometry.num_kv_heads, geometry.head_dim)
 
 
 def layer_plans(
@@ -183,10 +185,10 @@ def uses_teachers(spec: RunSpec) -> bool:
     return any(ref.component.inputs != "ce" for ref in refs)
 
 
-def check_lengths(spec: RunSpec, models: dict[str, LoadedModel]) -> None:
+def check_lengths(spec: RunSpec, models: dict[str, ModelGeometry]) -> None:
     """A sequence length beyond what a model's positions allow is bad input, named by model."""
-    for where, loaded in models.items():
-        limit = loaded.geometry.max_position
+    for where, geometry in models.items():
+        limit = geometry.max_position
         if limit is not None and spec.data.seq_len > limit:
             raise KvdError(
                 f"data.seq_len {spec.data.seq_len} exceeds {where}'s {limit} positions",
@@ -197,25 +199,26 @@ def check_lengths(spec: RunSpec, models: dict[str, LoadedModel]) -> None:
 class Trainer:
     """Everything a run needs, built once from the spec; `run()` trains to max_steps."""
 
-    def __init__(self, spec: RunSpec, run_dir: Path, runtime: Runtime, base_dir: Path) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        run_dir: Path,
+        runtime: Runtime,
+        base_dir: Path,
+        *,
+        use_cache: bool = True,
+    ) -> None:
         self.spec = spec
         self.run_dir = run_dir
         self.rt = runtime
         torch.manual_seed(spec.seed)
         dev = runtime.device
-        # 1. models: teachers frozen in eval mode, the student in train mode
+        # 1. the student, and the teachers' geometry (weights are loaded in step 3 unless an
+        #    offline teacher cache holds their work)
         self.student = load_model(spec.student, dev, "student")
-        teachers = [
-            (ref, load_model(ref, dev, f"teachers.{i}"))
-            for i, ref in enumerate(spec.teachers)
-            if uses_teachers(spec)
-        ]
-        for _, loaded in teachers:
-            # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
-            # on CPU it sends a bf16 tied LM head down a path that copies the whole weight per call
-            # (Gemma-3: 0.4 s -> 4.7 s per forward, measured).
-            loaded.model.eval()
-        check_lengths(spec, {"student": self.student} | {r.id: m for r, m in teachers})
+        refs = list(spec.teachers) if uses_teachers(spec) else []
+        geometries = {ref.id: ref.build().geometry() for ref in refs}
+        check_lengths(spec, {"student": self.student.geometry} | geometries)
         self.student.model.train()
         if spec.training.activation_checkpointing:
             self.student.model.gradient_checkpointing_enable(
@@ -229,28 +232,61 @@ class Trainer:
             add_bos=self.student.geometry.adds_bos,
             min_tokens=spec.data.min_tokens,
         )
-        # 3. parameter-free alignment
+        # 3. teachers (or their cached work) and the parameter-free alignment
         self.token_aligner: TokenAligner = spec.alignment.tokens.component(
             spec.alignment.tokens.config
         )
         self.rope: RopeAligner = spec.alignment.rope.component(spec.alignment.rope.config)
-        layer_aligner: LayerAligner = spec.alignment.layers.component(spec.alignment.layers.config)
-        calibration = [w.text for w in self.data.validation[: spec.training.batch_size]]
-        plans = layer_plans(
-            layer_aligner, teachers, self.student, calibration, self.token_aligner, self.rope, dev
+        self.cache: TeacherCache | None = None
+        if spec.training.teacher_cache and use_cache and refs:
+            self.cache = TeacherCache.open(Path(spec.training.teacher_cache), self.fingerprint())
+        loaded = (
+            {}
+            if self.cache
+            else {ref.id: load_model(ref, dev, f"teachers.{i}") for i, ref in enumerate(refs)}
         )
+        for model in loaded.values():
+            # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
+            # on CPU it sends a bf16 tied LM head down a path that copies the whole weight per call
+            # (Gemma-3: 0.4 s -> 4.7 s per forward, measured).
+            model.model.eval()
+        if self.cache is not None:
+            plans = {
+                tid: LayerPlan([tuple((int(t), w) for t, w in pairs) for pairs in sources])
+                for tid, sources in self.cache.plans.items()
+            }
+        else:
+            layer_aligner: LayerAligner = spec.alignment.layers.component(
+                spec.alignment.layers.config
+            )
+            calibration = [w.text for w in self.data.validation[: spec.training.batch_size]]
+            plans = layer_plans(
+                layer_aligner,
+                [(ref, loaded[ref.id]) for ref in refs],
+                self.student,
+                calibration,
+                self.token_aligner,
+                self.rope,
+                dev,
+            )
         self.teachers = [
-            TeacherRuntime(ref.id, ref.weight, loaded, plans[ref.id], loaded.geometry.adds_bos)
-            for ref, loaded in teachers
+            TeacherRuntime(
+                ref.id, ref.weight, loaded.get(ref.id), plans[ref.id], geometries[ref.id].adds_bos
+            )
+            for ref in refs
         ]
+        teacher_shapes = {
+            ref.id: KVShape(geometries[ref.id].num_kv_heads, geometries[ref.id].head_dim)
+            for ref in refs
+        }
         # 4. learned parts: projectors per (teacher, layer), fusion, losses
         ids = [t.id for t in spec.teachers]  # loaded or not (a CE-only run loads none)
         n_layers = len({j for p in plans.values() for j in p.student_layers})
-        s_shape = kv_shape(self.student)
+        s_shape = kv_shape(self.student.geometry)
         self.model = DistillModel(
             self.student.model,
             s_shape,
-            teacher_shapes={t.id: kv_shape(t.loaded) for t in self.teachers},
+            teacher_shapes=teacher_shapes,
             teacher_layers={t.id: t.plan.student_layers for t in self.teachers},
             teacher_weights={t.id: t.weight for t in self.teachers},
             projector_cls=spec.projector.component,
@@ -287,6 +323,73 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------
 
+    def micro_batch(self) -> tuple[list[str], list[str], TokenBatch]:
+        """This rank's share of the next global batch: texts, task labels, student tokens."""
+        batch = next(self.stream)
+        texts = batch.texts[self.rt.rank :: self.rt.world]
+        tasks = batch.tasks[self.rt.rank :: self.rt.world]
+        s_batch = tokenize(
+            self.student.tokenizer,
+            texts,
+            max_length=self.spec.data.seq_len,
+            add_bos=self.student.geometry.adds_bos,
+        )
+        return texts, tasks, s_batch
+
+    def cached_targets(self, micro: int) -> dict[str, TeacherTargets]:
+        """This step's targets from the offline cache, for the teachers active now."""
+        assert self.cache is not None
+        cached = self.cache.get(self.step, micro, self.rt.device)
+        active = self.model.stage.teachers
+        missing = [
+            tid for tid in active if tid in {t.id for t in self.teachers} and tid not in cached
+        ]
+        if missing:
+            raise KvdError(
+                f"training.teacher_cache {self.cache.root}: has no targets of {', '.join(missing)} "
+                f"at step {self.step + 1} (the stages changed since it was built)",
+                hint="rebuild it with `kvd cache-teachers SPEC`",
+            )
+        return {tid: t for tid, t in cached.items() if tid in active}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything the teachers' targets depend on; a cache must match it exactly."""
+        s = self.spec
+        g = self.student.geometry
+        return {
+            "format": FORMAT,
+            "teachers": {t.id: t.model_dump(mode="json", exclude={"weight"}) for t in s.teachers},
+            "student_tokenizer": {
+                "family": g.tokenizer_family,
+                "hash": g.tokenizer_hash,
+                "adds_bos": g.adds_bos,
+            },
+            "data": s.data.model_dump(mode="json"),
+            "split": self.data.manifest.digest,
+            "alignment": s.alignment.model_dump(mode="json"),
+            "seed": s.seed,
+            "batch_size": s.training.batch_size,
+            "grad_accum": s.training.grad_accum,
+            "world": self.rt.world,
+        }
+
+    def build_cache(self, writer: CacheWriter, progress: Progress) -> TeacherCache:
+        """Run the teachers over every batch of the run and store their targets."""
+        progress.start(self.spec.training.max_steps, 0)
+        for step in range(self.spec.training.max_steps):
+            self.model.set_step(step)
+            tensors: dict[str, torch.Tensor] = {}
+            for micro in range(self.spec.training.grad_accum):
+                texts, _, s_batch = self.micro_batch()
+                tensors |= pack(self.targets(texts, s_batch), micro)
+            writer.put(step, tensors)
+            progress.update(step + 1, {"cache_mb": writer.bytes / 2**20})
+        progress.stop()
+        plans = {
+            t.id: [[[j, w] for j, w in pairs] for pairs in t.plan.sources] for t in self.teachers
+        }
+        return writer.finish(self.spec.training.max_steps, plans)
+
     def targets(self, texts: list[str], student_batch: Any) -> dict[str, TeacherTargets]:
         """Targets of the teachers active in this stage; logits only for teachers a logit loss
         reads (the LM head of a 262k vocabulary costs more than the rest of a small model)."""
@@ -322,19 +425,13 @@ class Trainer:
         parts: dict[str, float] = {}
         routing: dict[int, torch.Tensor] = {}
         tokens = 0
-        for _ in range(tr.grad_accum):
-            batch = next(self.stream)
-            texts = batch.texts[self.rt.rank :: self.rt.world]
-            s_batch = tokenize(
-                self.student.tokenizer,
-                texts,
-                max_length=self.spec.data.seq_len,
-                add_bos=self.student.geometry.adds_bos,
-            )
-            targets = self.targets(texts, s_batch)
-            task = self.data.tasks.ids(batch.tasks[self.rt.rank :: self.rt.world]).to(
-                self.rt.device
-            )
+        for micro in range(tr.grad_accum):
+            texts, tasks, s_batch = self.micro_batch()
+            if self.cache is not None:
+                targets = self.cached_targets(micro)
+            else:
+                targets = self.targets(texts, s_batch)
+            task = self.data.tasks.ids(tasks).to(self.rt.device)
             with torch.autocast(
                 self.rt.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
             ):
@@ -349,6 +446,11 @@ class Trainer:
             for key, value in out.parts.items():
                 parts[key] = parts.get(key, 0.0) + value / tr.grad_accum
             routing = out.routing
+        if self.rt.world > 1:  # log the mean over ranks, not rank 0's share
+            names = sorted(parts)
+            summed = torch.tensor([parts[n] for n in names], device=self.rt.device)
+            dist.all_reduce(summed)
+            parts = dict(zip(names, (summed / self.rt.world).tolist(), strict=True))
         grad_norm = self._clip()
         finite = math.isfinite(parts["loss/total"]) and math.isfinite(grad_norm)
         finite = self._all_ranks(finite)
@@ -370,7 +472,7 @@ class Trainer:
             "skipped": not finite,
             **parts,
         }
-        record.update(self._routing_record(routing, batch.tasks[self.rt.rank :: self.rt.world]))
+        record.update(self._routing_record(routing, tasks))
         if self.rt.device.type == "cuda":
             record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
         else:

@@ -144,3 +144,45 @@ def test_nonfinite_losses_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert "non-finite" in err and "Traceback" not in err
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "skipped" in r]
     assert any(r["skipped"] for r in records)
+
+
+def test_offline_teacher_cache_gives_the_same_losses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    online = tiny_spec(tmp_path / "online", fusion={"name": "lowest_ce"})
+    online["losses"] = [{"name": "kv_mse"}, {"name": "uld", "teachers": ["qwen"]}, {"name": "ce"}]
+    run(online)
+    offline = dict(online, output={"dir": str(tmp_path / "offline")})
+    offline["training"] = dict(online["training"], teacher_cache=str(cache))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(offline))
+    assert main(["cache-teachers", str(spec)]) == 0
+    assert (cache / "manifest.json").exists()
+    assert len(list(cache.glob("step-*.safetensors"))) == 4
+    assert main(["train", str(spec)]) == 0
+    a = [r for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if "loss/total" in r]
+    b = [r for r in read_metrics(tmp_path / "offline" / "metrics.jsonl") if "loss/total" in r]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss/total", "loss/kv_mse", "loss/uld", "loss/ce"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-6), key
+    capsys.readouterr()
+    # a cache built for another run is refused, naming what differs; it is never overwritten
+    before = tree_hash(cache)
+    assert (
+        main(
+            [
+                "train",
+                str(spec),
+                "--set",
+                "data.seq_len=40",
+                "--set",
+                f"output.dir={tmp_path / 'other'}",
+            ]
+        )
+        == 2
+    )
+    assert "data.seq_len" in capsys.readouterr().err
+    assert main(["cache-teachers", str(spec)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert tree_hash(cache) == before

@@ -15,7 +15,7 @@ from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
 
 def build_app() -> typer.Typer:
     """A fresh app with every built-in and plugin command."""
-    from kvd.cli import check_shapes, plugins, schema, train, validate
+    from kvd.cli import cache_teachers, check_shapes, plugins, schema, train, validate
 
     app = typer.Typer(
         name="kvd",
@@ -33,7 +33,7 @@ def build_app() -> typer.Typer:
     ) -> None:
         """kvd: multi-teacher KV-cache distillation."""
 
-    for module in (plugins, validate, schema, check_shapes, train):
+    for module in (plugins, validate, schema, check_shapes, train, cache_teachers):
         module.register(app)
     loaded = get_plugins()
     for failure in loaded.failures:

@@ -1,0 +1,46 @@
+"""`kvd cache-teachers SPEC`: run the teachers once and store their aligned targets on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from kvd.cli.options import set_option
+from kvd.errors import KvdError
+from kvd.progress import Progress
+from kvd.spec import load_spec
+from kvd.teacher_cache import CacheWriter, ensure_empty
+from kvd.train import Trainer, setup_runtime, uses_teachers
+
+
+def cache_teachers(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="A YAML run spec."),
+    overrides: list[str] = set_option(),
+) -> None:
+    """Store the teachers' aligned K/V (and logits where read) for every step of the run in
+    training.teacher_cache; `kvd train` with the same spec then reads them instead."""
+    spec = load_spec(spec_path, overrides)
+    if not spec.training.teacher_cache:
+        raise KvdError(
+            f"{spec_path}: training.teacher_cache is not set",
+            hint="add it to the spec or pass --set training.teacher_cache=FOLDER",
+        )
+    if not uses_teachers(spec):
+        raise KvdError(f"{spec_path}: no loss reads the teachers; there is nothing to cache")
+    root = Path(spec.training.teacher_cache)
+    ensure_empty(root)  # before loading any model
+    runtime = setup_runtime(spec.training.device)
+    trainer = Trainer(spec, spec.output_dir(), runtime, spec_path.parent, use_cache=False)
+    cache = trainer.build_cache(
+        CacheWriter(root, trainer.fingerprint()), Progress(label="cache", every=10)
+    )
+    size = sum(p.stat().st_size for p in root.iterdir()) / 2**20
+    Console(highlight=False).print(
+        f"cached {cache.steps} steps of teacher targets in {root} ({size:.0f} MB)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("cache-teachers")(cache_teachers)

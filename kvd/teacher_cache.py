@@ -1,0 +1,164 @@
+"""The offline teacher cache: the parameter-free teacher work of every step, on disk.
+
+`kvd cache-teachers SPEC` runs the teachers once over the batches a run will see and stores
+each step's targets (aligned K/V of the mapped layers, masks, aligned logits and per-sequence
+CE where a loss or fusion reads them) as one safetensors file per step. A run whose spec
+matches the cache's fingerprint reads targets from it instead of running the teachers, and gets
+the same losses. A manifest, written last, makes a cache complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvd.errors import KvdError
+from kvd.targets import TeacherTargets
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def _step_file(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}.safetensors"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix or "(top level)"]
+
+
+def pack(targets: dict[str, TeacherTargets], micro: int) -> dict[str, torch.Tensor]:
+    """Targets of one micro-batch as flat named tensors (`micro/teacher/k/layer`, ...)."""
+    out = {}
+    for tid, t in targets.items():
+        base = f"{micro}/{tid}"
+        out[f"{base}/mask"] = t.mask
+        for j, k in t.keys.items():
+            out[f"{base}/k/{j}"] = k
+            out[f"{base}/v/{j}"] = t.values[j]
+        if t.logits is not None:
+            out[f"{base}/logits"] = t.logits
+        if t.ce is not None:
+            out[f"{base}/ce"] = t.ce
+    return {name: x.detach().contiguous().cpu() for name, x in out.items()}
+
+
+def unpack(
+    tensors: dict[str, torch.Tensor], micro: int, device: torch.device
+) -> dict[str, TeacherTargets]:
+    """The inverse of `pack` for one micro-batch."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, x in tensors.items():
+        m, tid, *rest = name.split("/")
+        if int(m) != micro:
+            continue
+        entry = found.setdefault(tid, {"k": {}, "v": {}})
+        x = x.to(device)
+        if rest[0] in ("k", "v"):
+            entry[rest[0]][int(rest[1])] = x
+        else:
+            entry[rest[0]] = x
+    return {
+        tid: TeacherTargets(e["k"], e["v"], e["mask"], e.get("logits"), e.get("ce"))
+        for tid, e in found.items()
+    }
+
+
+class TeacherCache:
+    """A cache directory: `step-NNNNNNNN.safetensors` per step and `manifest.json` (last)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    @property
+    def steps(self) -> int:
+        return int(self.manifest["steps"])
+
+    @property
+    def plans(self) -> dict[str, list[list[list[float]]]]:
+        """Each teacher's layer plan sources, as stored (CKA plans need no recomputation)."""
+        return dict(self.manifest["plans"])
+
+    @staticmethod
+    def open(root: Path, fingerprint: dict[str, Any]) -> TeacherCache | None:
+        """The complete cache at `root`, None when there is none; an incomplete one or one built
+        for another spec is an error naming what differs."""
+        path = root / MANIFEST
+        if not path.exists():
+            if root.exists() and any(root.glob("step-*.safetensors")):
+                raise KvdError(
+                    f"training.teacher_cache {root}: incomplete (no manifest; was the build "
+                    "interrupted?)",
+                    hint="rebuild it with `kvd cache-teachers SPEC` into an empty folder",
+                )
+            return None
+        manifest = json.loads(path.read_text())
+        diff = _differences(manifest.get("fingerprint"), fingerprint)
+        if diff:
+            raise KvdError(
+                f"training.teacher_cache {root}: built for a different run; differs in "
+                + ", ".join(diff),
+                hint="rebuild it with `kvd cache-teachers SPEC`, or point training.teacher_cache "
+                "elsewhere",
+            )
+        return TeacherCache(root, manifest)
+
+    def get(self, step: int, micro: int, device: torch.device) -> dict[str, TeacherTargets]:
+        if step >= self.steps:
+            raise KvdError(
+                f"training.teacher_cache {self.root}: covers {self.steps} steps, the run is at "
+                f"step {step + 1}",
+                hint="rebuild the cache with the run's training.max_steps",
+            )
+        return unpack(load_file(_step_file(self.root, step)), micro, device)
+
+
+def ensure_empty(root: Path) -> None:
+    """A cache is only ever written into a new or empty folder."""
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise KvdError(
+            f"training.teacher_cache {root}: not an empty folder; kvd never overwrites a cache",
+            hint="delete it or choose another folder",
+        )
+
+
+class CacheWriter:
+    """Writes a cache step by step; `finish` writes the manifest that completes it."""
+
+    def __init__(self, root: Path, fingerprint: dict[str, Any]) -> None:
+        ensure_empty(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.fingerprint = fingerprint
+        self.bytes = 0
+
+    def put(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        final = _step_file(self.root, step)
+        tmp = final.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, final)
+        self.bytes += final.stat().st_size
+
+    def finish(self, steps: int, plans: dict[str, list[list[list[float]]]]) -> TeacherCache:
+        manifest = {
+            "format": FORMAT,
+            "steps": steps,
+            "plans": plans,
+            "fingerprint": self.fingerprint,
+        }
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.root / MANIFEST)
+        return TeacherCache(self.root, manifest)

@@ -1,0 +1,65 @@
+"""`kvd train` under a real `torchrun --nproc_per_node 2` (gloo on CPU) matches one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvd.rundir import read_metrics
+from tests.specs import tiny_spec
+
+TOLERANCE = 0.02
+"""Relative tolerance on each step's loss: each rank averages over its own tokens and the
+ranks' means are averaged, which weights tokens slightly differently from one process."""
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss/total"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss/total" in r]
+
+
+@pytest.mark.slow
+def test_two_process_run_matches_single_process(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    single = tiny_spec(tmp_path / "one")
+    single["training"]["batch_size"] = 4
+    double = tiny_spec(tmp_path / "two")
+    double["training"]["batch_size"] = 2  # per process: the same 4 texts per step in total
+    for name, data in (("one", single), ("two", double)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(tmp_path / "one.yaml")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "kvd.cli",
+            "train",
+            str(tmp_path / "two.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=TOLERANCE)
+    last = sorted((tmp_path / "two" / "checkpoints").glob("step-*"))[-1]
+    assert yaml.safe_load((last / "state.json").read_text())["world"] == 2
