@@ -23,8 +23,8 @@ def holds_run(path: Path) -> bool:
     return any((path / marker).exists() for marker in RUN_MARKERS)
 
 
-def create_run_dir(path: Path) -> Path:
-    """Make a new, empty run directory; refuse one that holds a run or any other file."""
+def check_new_run_dir(path: Path) -> None:
+    """Refuse an output dir that holds a run or any other file (checked before models load)."""
     if path.exists() and not path.is_dir():
         raise KvdError(f"output.dir {path}: exists and is not a directory")
     if path.exists() and holds_run(path):
@@ -37,6 +37,11 @@ def create_run_dir(path: Path) -> Path:
             f"output.dir {path}: is not empty; kvd never writes into a folder with other files",
             hint="pick an empty or new folder with --set output.dir=...",
         )
+
+
+def create_run_dir(path: Path) -> Path:
+    """Make a new, empty run directory; refuse one that holds a run or any other file."""
+    check_new_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

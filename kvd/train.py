@@ -10,6 +10,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,14 @@ from kvd.evaluate import LMMetrics, evaluate_lm
 from kvd.geometry import ModelGeometry
 from kvd.models import LoadedModel
 from kvd.progress import Progress
-from kvd.rundir import MetricsLog, create_run_dir, holds_run, write_environment, write_spec
+from kvd.rundir import (
+    MetricsLog,
+    check_new_run_dir,
+    create_run_dir,
+    holds_run,
+    write_environment,
+    write_spec,
+)
 from kvd.schedule import lr_factor
 from kvd.spec import FusionRef, LossRef, RunSpec, TeacherRef
 from kvd.targets import TeacherRuntime, TeacherTargets, teacher_targets
@@ -398,20 +407,36 @@ class Trainer:
             tid for t in self.model.loss_terms if t.module.inputs == "logits" for tid in t.teachers
         }
         want_ce = self.model.fusion.needs_teacher_ce
-        return {
-            t.id: teacher_targets(
-                t,
-                texts,
-                student_batch,
-                token_aligner=self.token_aligner,
-                rope=self.rope,
-                want_logits=t.id in logit_readers,
-                want_ce=want_ce,
-                device=self.rt.device,
-            )
-            for t in self.teachers
-            if t.id in active
-        }
+        out = {}
+        for t in self.teachers:
+            if t.id not in active:
+                continue
+            with self.oom_guard(f"teacher {t.id!r}", student_batch):
+                out[t.id] = teacher_targets(
+                    t,
+                    texts,
+                    student_batch,
+                    token_aligner=self.token_aligner,
+                    rope=self.rope,
+                    want_logits=t.id in logit_readers,
+                    want_ce=want_ce,
+                    device=self.rt.device,
+                )
+        return out
+
+    @contextmanager
+    def oom_guard(self, what: str, batch: TokenBatch) -> Iterator[None]:
+        """Out of memory becomes an error naming the model and the batch, not a traceback."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            b, t = batch.input_ids.shape
+            raise KvdError(
+                f"out of memory in {what} on {self.rt.device} with a batch of {b} x {t} tokens "
+                f"(step {self.step + 1})",
+                hint="lower training.batch_size (raise grad_accum to keep the batch), "
+                "data.seq_len, use dtype: bfloat16 for teachers, or activation_checkpointing",
+            ) from None
 
     def train_step(self) -> dict[str, Any]:
         """Gradient accumulation over micro-batches, NaN guard, clipping, update."""
@@ -432,8 +457,11 @@ class Trainer:
             else:
                 targets = self.targets(texts, s_batch)
             task = self.data.tasks.ids(tasks).to(self.rt.device)
-            with torch.autocast(
-                self.rt.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
+            with (
+                self.oom_guard("the student step", s_batch),
+                torch.autocast(
+                    self.rt.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
+                ),
             ):
                 out = self.wrapped(
                     s_batch.input_ids.to(self.rt.device),
@@ -441,7 +469,7 @@ class Trainer:
                     targets,
                     task,
                 )
-            (out.total / tr.grad_accum).backward()
+                (out.total / tr.grad_accum).backward()
             tokens += int(s_batch.attention_mask.sum())
             for key, value in out.parts.items():
                 parts[key] = parts.get(key, 0.0) + value / tr.grad_accum
@@ -667,13 +695,15 @@ def train(
             raise KvdError(f"output.dir {run_dir}: holds no run to resume")
         checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None)
     elif runtime.main:
-        create_run_dir(run_dir)
-        write_spec(run_dir, spec_data)
-        write_environment(run_dir)
+        check_new_run_dir(run_dir)
+    # models and data are checked before anything is written: bad input leaves no run dir
     trainer = Trainer(spec, run_dir, runtime, base_dir)
     if checkpoint is not None:
         trainer.restore(checkpoint)
-    if runtime.main and not resume:
+    elif runtime.main:
+        create_run_dir(run_dir)
+        write_spec(run_dir, spec_data)
+        write_environment(run_dir)
         write_manifest(trainer.data.manifest, run_dir / "split.json")
     log = MetricsLog(run_dir / "metrics.jsonl") if runtime.main else None
     try:

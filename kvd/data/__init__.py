@@ -79,7 +79,7 @@ def build_data(
     documents = list(source.documents())
     if not documents:
         raise KvdError(
-            f"data: dataset {data_ref.name!r} has no documents",
+            f"data: dataset {data_ref.name!r} {data_ref.options()} has no documents",
             hint="check its paths and filters (min_chars, tasks)",
         )
     split = split_documents(documents, data_ref.val_fraction)
