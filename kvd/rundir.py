@@ -46,9 +46,12 @@ def create_run_dir(path: Path) -> Path:
     return path
 
 
-def write_spec(path: Path, spec_data: dict[str, Any]) -> None:
-    """The resolved spec, as YAML that `kvd train` accepts again."""
+def write_spec(path: Path, spec_data: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """The spec as given (with --set overrides applied) and resolved with every default."""
     (path / "spec.yaml").write_text(yaml.safe_dump(spec_data, sort_keys=False), encoding="utf-8")
+    (path / "spec.resolved.yaml").write_text(
+        yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8"
+    )
 
 
 def environment() -> dict[str, Any]:
@@ -74,19 +77,37 @@ def write_environment(path: Path) -> None:
     (path / "environment.json").write_text(json.dumps(environment(), indent=2), encoding="utf-8")
 
 
-class MetricsLog:
-    """Append-only JSON lines, flushed after every record so a killed run keeps its history."""
+def tensorboard_writer(path: Path) -> Any:
+    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
-    def __init__(self, path: Path) -> None:
+
+class MetricsLog:
+    """Append-only JSON lines, flushed after every record so a killed run keeps its history;
+    numeric entries also go to `tensorboard` (a SummaryWriter-like object) when given."""
+
+    def __init__(self, path: Path, tensorboard: Any = None) -> None:
         self.path = path
         self._file = path.open("a", encoding="utf-8")
+        self.tensorboard = tensorboard
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        step = record.get("step")
+        if self.tensorboard is not None and isinstance(step, int):
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
+                    self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
         self._file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

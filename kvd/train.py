@@ -43,6 +43,7 @@ from kvd.rundir import (
     check_new_run_dir,
     create_run_dir,
     holds_run,
+    tensorboard_writer,
     write_environment,
     write_spec,
 )
@@ -230,8 +231,9 @@ class Trainer:
         check_lengths(spec, {"student": self.student.geometry} | geometries)
         self.student.model.train()
         if spec.training.activation_checkpointing:
-            self.student.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            # non-reentrant: K/V captured in the first forward keep their graph (kvd.capture)
+            self.student.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         # 2. data, split by content hash; windows cut in student tokens
         self.data: Data = build_data(
@@ -702,10 +704,12 @@ def train(
         trainer.restore(checkpoint)
     elif runtime.main:
         create_run_dir(run_dir)
-        write_spec(run_dir, spec_data)
+        write_spec(run_dir, spec_data, spec.model_dump(mode="json"))
         write_environment(run_dir)
         write_manifest(trainer.data.manifest, run_dir / "split.json")
-    log = MetricsLog(run_dir / "metrics.jsonl") if runtime.main else None
+    log = None
+    if runtime.main:
+        log = MetricsLog(run_dir / "metrics.jsonl", tensorboard_writer(run_dir / "tensorboard"))
     try:
         return trainer.run(log, progress or Progress(enabled=runtime.main))
     finally:

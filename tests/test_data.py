@@ -253,6 +253,7 @@ def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_parquet_with_pyarrow(tmp_path: Path) -> None:
     import pyarrow as pa  # a kvd dependency
     import pyarrow.parquet as pq
+
     table = pa.table({"text": ["First.", "Second."], "task": ["a", None]})
     pq.write_table(table, tmp_path / "t.parquet")
     docs = _files(tmp_path, paths=["t.parquet"])
