@@ -9,6 +9,7 @@ import torch
 
 from kvd.align.base import LayerAligner, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.calibrate import layer_calibration
 from kvd.distill import DistillModel, LossTerm, Stage
 from kvd.manager import registry
 from kvd.models import LoadedModel
@@ -41,20 +42,24 @@ def build(
     rope: str = "unrotate",
     layers: str = "uniform",
 ) -> tuple[DistillModel, dict[str, TeacherRuntime], RopeAligner]:
-    layer_cls, layer_cfg = component("aligners", layers)
+    options = {"pairs": [[0, 0], [1, 1]]} if layers == "explicit" else {}
+    layer_cls, layer_cfg = component("aligners", layers, **options)
     aligner: LayerAligner = layer_cls(layer_cfg)
-    runtimes = {
-        tid: TeacherRuntime(
-            tid,
-            1.0,
-            t,
-            aligner.plan(t.geometry.num_layers, student.geometry.num_layers),
-            add_bos=False,
-        )
-        for tid, t in teachers.items()
-    }
     rope_cls, rope_cfg = component("aligners", rope)
     rope_aligner: RopeAligner = rope_cls(rope_cfg)
+    soft_cls, soft_cfg = component("aligners", "soft")
+
+    def plan(t: LoadedModel) -> Any:
+        calibration = None
+        if aligner.needs_calibration:
+            calibration = layer_calibration(
+                t, student, TEXTS, soft_cls(soft_cfg), rope_aligner, torch.device("cpu")
+            )
+        return aligner.plan(t.geometry.num_layers, student.geometry.num_layers, calibration)
+
+    runtimes = {
+        tid: TeacherRuntime(tid, 1.0, t, plan(t), add_bos=False) for tid, t in teachers.items()
+    }
     fusion_cls, fusion_cfg = component("fusions", fusion)
     shape = KVShape(student.geometry.num_kv_heads, student.geometry.head_dim)
     n_layers = len({j for r in runtimes.values() for j in r.plan.student_layers})
@@ -122,8 +127,10 @@ def step(
 
 @pytest.mark.parametrize("token_aligner", ["soft", "hard", "resample", "segment_resample"])
 @pytest.mark.parametrize("rope", ["unrotate", "none"])
-def test_identical_teacher_gives_zero_loss(token_aligner: str, rope: str) -> None:
-    """A teacher identical to the student, identity projector: target == student KV, loss 0."""
+@pytest.mark.parametrize("layers", ["uniform", "explicit", "cka"])
+def test_identical_teacher_gives_zero_loss(token_aligner: str, rope: str, layers: str) -> None:
+    """A teacher identical to the student, identity projector: target == student KV, loss 0,
+    through every token, rope and layer aligner."""
     student = tiny(STUDENT, seed=3)
     twin = tiny(STUDENT, seed=3)
     losses = [
@@ -132,7 +139,7 @@ def test_identical_teacher_gives_zero_loss(token_aligner: str, rope: str) -> Non
         ("relation_kl", {"relation_heads": 2}),
     ]
     model, runtimes, rope_aligner = build(
-        student, {"twin": twin}, projector="identity", losses=losses, rope=rope
+        student, {"twin": twin}, projector="identity", losses=losses, rope=rope, layers=layers
     )
     out = step(model, student, runtimes, rope_aligner, token_aligner)
     for name, _ in losses:
