@@ -424,6 +424,24 @@ def resolve_components(spec: RunSpec) -> list[Problem]:
                         f"aligner {ref.component_name!r} belongs in alignment.{actual}, not here",
                     )
                 )
+    for loc, fusion in [("fusion", spec.fusion)] + [
+        (f"training.stages.{i}.fusion", st.fusion)
+        for i, st in enumerate(spec.training.stages)
+        if st.fusion is not None
+    ]:
+        if (
+            spec.projector.direction == "student_to_teacher"
+            and fusion.component_name in registry("fusions")
+            and getattr(fusion.component, "routes_on_features", False)
+        ):
+            problems.append(
+                Problem(
+                    "projector.direction",
+                    f"student_to_teacher compares in each teacher's own space, where {loc} "
+                    f"{fusion.component_name!r} cannot route; use fusion fixed, mean, "
+                    "task_conditional or lowest_ce, or direction teacher_to_student",
+                )
+            )
     ids = {t.id for t in spec.teachers}
     for loc, ref in component_refs(spec):
         for t in getattr(ref, "teachers", None) or []:

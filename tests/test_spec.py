@@ -137,3 +137,42 @@ def test_schema_is_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
     schema = json.loads(capsys.readouterr().out)
     assert schema["title"] == "RunSpec"
     assert "teachers" in schema["required"]
+
+
+def test_contradictory_direction_and_fusion(tmp_path: Path) -> None:
+    data = tiny_spec(
+        tmp_path / "run",
+        projector={"name": "linear", "direction": "student_to_teacher"},
+        fusion={"name": "similarity"},
+    )
+    assert "cannot route" in problems(data)["projector.direction"]
+
+
+BAD_SPECS = {
+    "yaml_syntax": ("teachers: [\n  - {id: a\n", "YAML syntax error"),
+    "not_a_mapping": ("- a\n- b\n", "top level must be a mapping"),
+    "unknown_top_key": ("teacherz: []\n", "teacherz"),
+    "empty_teachers": (
+        "teachers: []\nstudent: {source: tiny, config: {model_type: llama}}\n",
+        "teachers",
+    ),
+    "unknown_source": (
+        "teachers: [{source: hff, path: x}]\nstudent: {source: tiny, config: "
+        "{model_type: llama}}\n",
+        "did you mean 'hf'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_specs_on_the_command_line(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, expected = BAD_SPECS[case]
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    for command in ("validate", "check-shapes", "train"):
+        assert main([command, str(path)]) == 2, command
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, (command, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
