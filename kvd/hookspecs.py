@@ -55,9 +55,11 @@ def register_projectors(register: Register) -> None:
 def register_fusions(register: Register) -> None:
     """Register fusion strategies that combine several teachers' aligned KV into one target.
 
-    `register(name, cls)` where `cls` is a `torch.nn.Module` built as
-    `cls(config, n_teachers=..., n_layers=..., kv_dim=..., n_tasks=...)`; it returns routing
-    weights over teachers per position and an auxiliary (entropy) loss.
+    `register(name, cls)` where `cls` subclasses `kvd.fusion.Fusion` (an `nn.Module`), built as
+    `cls(config, n_teachers=..., n_layers=..., kv_dim=..., n_tasks=..., teacher_weights=...)`;
+    `forward(FusionInput) -> FusionOutput` gives routing weights over teachers per position and
+    an auxiliary (entropy) loss. Class attributes `routes_on_features` and `needs_teacher_ce`
+    tell the trainer what the fusion reads.
     """
 
 
@@ -65,7 +67,9 @@ def register_fusions(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register losses (KV, relation, logits, CE).
 
-    `register(name, cls)` where `cls` is a `torch.nn.Module` built as `cls(config)`.
+    `register(name, cls)` where `cls` subclasses `kvd.losses.Loss` (an `nn.Module`) built as
+    `cls(config)`; its class attribute `inputs` ("kv", "kv_raw", "logits" or "ce") tells the
+    trainer which tensors its forward takes.
     """
 
 

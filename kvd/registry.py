@@ -24,9 +24,9 @@ class Entry(Generic[T]):
 
     @property
     def summary(self) -> str:
-        """First line of the component's docstring."""
-        doc = getattr(self.obj, "__doc__", None) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """First paragraph of the component's docstring, on one line."""
+        doc = (getattr(self.obj, "__doc__", None) or "").strip()
+        return " ".join(doc.split("\n\n")[0].split())
 
 
 class Registry(Generic[T]):
@@ -62,6 +62,8 @@ class Registry(Generic[T]):
         msg = f"unknown {self.kind} component {name!r}"
         if close:
             msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        else:
+            msg += "."
         msg += f" Known: {', '.join(self.names()) or '(none)'}."
         msg += " A component from another package appears once that package is installed"
         msg += " (see `kvd plugins`)."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -114,3 +115,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl file."""
     lines = path.read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step` (a resumed run logs the later ones again)."""
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -116,6 +116,11 @@ class ModelRef(ComponentRef):
     key: ClassVar[str] = "source"
     source: str
     dtype: Literal["float32", "bfloat16"] = "float32"
+    reinit: bool = Field(
+        False,
+        description="Replace the weights by a fresh random init of the same architecture, "
+        "seeded by the spec's `seed` (the random-teacher control of `kvd ab`).",
+    )
     _base_dir: Path = PrivateAttr(default=Path("."))
 
     def build(self) -> ModelSource:
@@ -174,7 +179,9 @@ class TrainingSpec(Strict):
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=2)
     teacher_cache: str | None = Field(
-        None, description="Folder of an offline teacher cache (`kvd cache-teachers`) to read."
+        None,
+        description="Folder of an offline teacher cache (`kvd cache-teachers`) to write or read; "
+        "relative to the working directory, like output.dir.",
     )
     stages: list[StageSpec] = Field(default_factory=list)
 

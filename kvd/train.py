@@ -44,6 +44,7 @@ from kvd.rundir import (
     create_run_dir,
     holds_run,
     tensorboard_writer,
+    truncate_metrics,
     write_environment,
     write_spec,
 )
@@ -98,11 +99,18 @@ def setup_runtime(device: str) -> Runtime:
 # --- building the run ---------------------------------------------------------------------------
 
 
-def load_model(ref: Any, device: torch.device, where: str) -> LoadedModel:
-    """Load a teacher or the student, turning load failures into errors that name the model."""
+def load_model(ref: Any, device: torch.device, where: str, seed: int = 0) -> LoadedModel:
+    """Load a teacher or the student, turning load failures into errors that name the model;
+    with `reinit` its weights are replaced by a random init of the same architecture (`seed`)."""
     source = ref.build()
     try:
-        return source.load(device=device, dtype=DTYPES[ref.dtype])
+        loaded = source.load(device=device, dtype=DTYPES[ref.dtype])
+        if ref.reinit:
+            from kvd.sources.tiny import random_model
+
+            model = random_model(loaded.model.config, seed=seed, dtype=DTYPES[ref.dtype])
+            loaded.model = model.to(device)
+        return loaded
     except torch.OutOfMemoryError:
         raise KvdError(
             f"{where}: out of memory loading {source.describe()} on {device}",
@@ -225,7 +233,7 @@ class Trainer:
         dev = runtime.device
         # 1. the student, and the teachers' geometry (weights are loaded in step 3 unless an
         #    offline teacher cache holds their work)
-        self.student = load_model(spec.student, dev, "student")
+        self.student = load_model(spec.student, dev, "student", spec.seed)
         refs = list(spec.teachers) if uses_teachers(spec) else []
         geometries = {ref.id: ref.build().geometry() for ref in refs}
         check_lengths(spec, {"student": self.student.geometry} | geometries)
@@ -254,7 +262,10 @@ class Trainer:
         loaded = (
             {}
             if self.cache
-            else {ref.id: load_model(ref, dev, f"teachers.{i}") for i, ref in enumerate(refs)}
+            else {
+                ref.id: load_model(ref, dev, f"teachers.{i}", spec.seed)
+                for i, ref in enumerate(refs)
+            }
         )
         for model in loaded.values():
             # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
@@ -361,7 +372,25 @@ class Trainer:
                 f"at step {self.step + 1} (the stages changed since it was built)",
                 hint="rebuild it with `kvd cache-teachers SPEC`",
             )
+        readers = self.logit_readers()
+        for tid in active:
+            t = cached.get(tid)
+            lacks_logits = t is not None and tid in readers and t.logits is None
+            lacks_ce = t is not None and self.model.fusion.needs_teacher_ce and t.ce is None
+            if lacks_logits or lacks_ce:
+                raise KvdError(
+                    f"training.teacher_cache {self.cache.root}: has no "
+                    f"{'logits' if lacks_logits else 'per-sequence CE'} of teacher {tid!r} "
+                    "(the losses or fusion changed since it was built)",
+                    hint="rebuild it with `kvd cache-teachers SPEC`",
+                )
         return {tid: t for tid, t in cached.items() if tid in active}
+
+    def logit_readers(self) -> set[str]:
+        """Teachers whose logits a loss of the current stage reads."""
+        return {
+            tid for t in self.model.loss_terms if t.module.inputs == "logits" for tid in t.teachers
+        }
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything the teachers' targets depend on; a cache must match it exactly."""
@@ -405,9 +434,7 @@ class Trainer:
         """Targets of the teachers active in this stage; logits only for teachers a logit loss
         reads (the LM head of a 262k vocabulary costs more than the rest of a small model)."""
         active = set(self.model.stage.teachers)
-        logit_readers = {
-            tid for t in self.model.loss_terms if t.module.inputs == "logits" for tid in t.teachers
-        }
+        logit_readers = self.logit_readers()
         want_ce = self.model.fusion.needs_teacher_ce
         out = {}
         for t in self.teachers:
@@ -700,8 +727,11 @@ def train(
         check_new_run_dir(run_dir)
     # models and data are checked before anything is written: bad input leaves no run dir
     trainer = Trainer(spec, run_dir, runtime, base_dir)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
+    if resume:
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        if runtime.main:  # steps after the checkpoint are done again: drop their records
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
     elif runtime.main:
         create_run_dir(run_dir)
         write_spec(run_dir, spec_data, spec.model_dump(mode="json"))

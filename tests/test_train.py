@@ -224,3 +224,49 @@ def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
     assert result.steps == 2  # type: ignore[attr-defined]
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r]
     assert all(r["skipped"] is False and r["grad_norm"] > 0 for r in records)
+
+
+def test_resume_drops_records_after_the_checkpoint_and_restarts_without_one(
+    tmp_path: Path,
+) -> None:
+    half = tiny_spec(tmp_path / "b")
+    half["training"]["max_steps"] = 2
+    run(half)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # a step logged, then killed
+        f.write('{"step": 3, "loss/total": 99.0}\n')
+    run(tiny_spec(tmp_path / "b"), resume=True)
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
+    assert steps == [1, 2, 3, 4]
+    # a run killed before its first checkpoint resumes from the start
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints")
+    run(tiny_spec(tmp_path / "b"), resume=True)
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cache_without_the_logits_a_loss_needs_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_spec(tmp_path / "run")
+    data["training"]["teacher_cache"] = str(tmp_path / "cache")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["cache-teachers", str(spec)]) == 0
+    data["losses"].append({"name": "uld"})
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "has no logits of teacher 'llama'" in err and "Traceback" not in err
+
+
+def test_grad_accum_and_max_tokens(tmp_path: Path) -> None:
+    data = tiny_spec(tmp_path / "run")
+    data["training"].update(grad_accum=2, max_steps=10, max_tokens=200)
+    result = run(data)
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r]
+    per_step = records[0]["tokens"]
+    assert per_step > 2 * 40  # two micro-batches of 2 windows each
+    assert records[-1]["tokens"] >= 200 > records[-2]["tokens"]
+    assert result.steps == len(records) < 10  # type: ignore[attr-defined]

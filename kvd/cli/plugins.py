@@ -7,6 +7,7 @@ import json
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kvd.hookspecs import KINDS
 from kvd.manager import get_plugins
@@ -38,13 +39,13 @@ def plugins(
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(
-            *(row[c] for c in ("kind", "name", "plugin", "package", "version", "summary"))
+            *(Text(row[c]) for c in ("kind", "name", "plugin", "package", "version", "summary"))
         )
     console = Console(highlight=False)
     console.print(table)
     for failure in loaded.failures:
         console.print(
-            f"[red]failed[/red] plugin {failure.name} ({failure.package}): {failure.error}",
+            f"failed: plugin {failure.name} ({failure.package}): {failure.error}", markup=False
         )
 
 
