@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from kvd.errors import KvdError
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -71,10 +74,11 @@ def save_checkpoint(
     model: dict[str, torch.Tensor],
     optimizer: dict[str, Any],
     state: dict[str, Any],
-    rng: dict[str, Any],
+    rng: list[dict[str, Any]],
 ) -> CheckpointInfo:
-    """Write `root/step-NNNNNNNN` atomically: weights (safetensors), optimizer and RNG (torch,
-    loadable with weights_only=True), state.json, then manifest.json with every file's sha256."""
+    """Write `root/step-NNNNNNNN` atomically: weights (safetensors), optimizer and every rank's
+    RNG states (torch, loadable with weights_only=True), state.json, then manifest.json with
+    every file's sha256."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -84,7 +88,7 @@ def save_checkpoint(
     # clone: tied weights share storage, which safetensors refuses to write twice
     save_file({k: v.detach().cpu().clone() for k, v in model.items()}, tmp / "model.safetensors")
     torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(_rng_to_saveable(rng), tmp / "rng.pt")
+    torch.save([_rng_to_saveable(r) for r in rng], tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     files = sorted(p.name for p in tmp.iterdir())
     for name in files:
@@ -149,12 +153,25 @@ def list_checkpoints(root: Path) -> tuple[list[CheckpointInfo], list[tuple[Path,
     return valid, invalid
 
 
+def _safe_load(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers; anything else is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KvdError(
+            f"{path}: refused to load: not a plain tensor file ({first})",
+            hint="kvd loads checkpoints with weights_only=True and never runs pickled code; "
+            "use a checkpoint written by kvd",
+        ) from None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Weights, optimizer state, run state and RNG of a verified checkpoint."""
+    """Weights, optimizer state, run state and per-rank RNG of a verified checkpoint."""
     return {
         "model": load_file(path / "model.safetensors"),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "rng": _rng_from_saved(torch.load(path / "rng.pt", weights_only=True)),
+        "optimizer": _safe_load(path / "optimizer.pt"),
+        "rng": [_rng_from_saved(r) for r in _safe_load(path / "rng.pt")],
         "state": json.loads((path / "state.json").read_text()),
     }
 

@@ -178,6 +178,9 @@ class TrainingSpec(Strict):
     log_every: int = Field(1, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=2)
+    max_nonfinite: int = Field(
+        5, ge=1, description="Stop after this many non-finite losses or gradients in a row."
+    )
     teacher_cache: str | None = Field(
         None,
         description="Folder of an offline teacher cache (`kvd cache-teachers`) to write or read; "

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvd.diff import dotted_differences
 from kvd.errors import KvdError
 from kvd.targets import TeacherTargets
 
@@ -26,16 +27,6 @@ MANIFEST = "manifest.json"
 
 def _step_file(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}.safetensors"
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where two JSON-like values differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        return out
-    return [] if a == b else [prefix or "(top level)"]
 
 
 def pack(targets: dict[str, TeacherTargets], micro: int) -> dict[str, torch.Tensor]:
@@ -105,7 +96,7 @@ class TeacherCache:
                 )
             return None
         manifest = json.loads(path.read_text())
-        diff = _differences(manifest.get("fingerprint"), fingerprint)
+        diff = dotted_differences(manifest.get("fingerprint"), fingerprint)
         if diff:
             raise KvdError(
                 f"training.teacher_cache {root}: built for a different run; differs in "

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import save_file
 
 from kvd.align.base import LayerAligner, LayerPlan, TokenAligner
@@ -32,6 +36,7 @@ from kvd.checkpoint import (
 )
 from kvd.data import Data, build_data, write_manifest
 from kvd.data.packing import BatchStream, DataState
+from kvd.diff import dotted_differences
 from kvd.distill import DistillModel, LossTerm, Stage
 from kvd.errors import KvdError, PlanError
 from kvd.evaluate import LMMetrics, evaluate_lm
@@ -79,6 +84,36 @@ class TrainResult:
     steps: int
     validation: LMMetrics
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Preempted(KvdError):
+    """The run was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint first."""
+
+    exit_code = 143
+
+
+class PreemptionFlag:
+    """Within the block, SIGTERM and SIGUSR1 (SLURM's warning) only record themselves, so the
+    loop can save at the next step boundary; the previous handlers come back afterwards."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def setup_runtime(device: str) -> Runtime:
@@ -546,6 +581,14 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
         return float(norm)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` holds on any of them."""
+        if self.rt.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def _all_ranks(self, flag: bool) -> bool:
         """Every rank agrees: True only if `flag` holds on all of them."""
         if self.rt.world == 1:
@@ -591,23 +634,36 @@ class Trainer:
         )
 
     def checkpoint(self, val_bpb: float | None) -> None:
+        """Save an atomic checkpoint (rank 0 writes; every rank's RNG states go in it)."""
+        rngs: list[Any] = [rng_state()]
+        if self.rt.world > 1:
+            rngs = [None] * self.rt.world
+            dist.all_gather_object(rngs, rng_state())
         if not self.rt.main:
             return
         root = self.run_dir / "checkpoints"
-        info = save_checkpoint(
-            root,
-            self.step,
-            model=self.model.state_dict(),
-            optimizer=self.optimizer.state_dict(),
-            state={
-                "tokens": self.tokens,
-                "data": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
-                "stage": self.model.stage_index,
-                "val_bits_per_byte": val_bpb,
-                "world": self.rt.world,
-            },
-            rng=rng_state(),
-        )
+        state = {
+            "tokens": self.tokens,
+            "data": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
+            "stage": self.model.stage_index,
+            "val_bits_per_byte": val_bpb,
+            "world": self.rt.world,
+        }
+        try:
+            info = save_checkpoint(
+                root,
+                self.step,
+                model=self.model.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                state=state,
+                rng=rngs,
+            )
+        except OSError as exc:
+            raise KvdError(
+                f"could not write the step-{self.step} checkpoint in {root}: {exc}; the previous "
+                "checkpoints are intact",
+                hint="free disk space, then run the same command again to resume",
+            ) from None
         if val_bpb is not None and (self.best is None or val_bpb < self.best[0]):
             self.best = (val_bpb, info.path)
             (self.run_dir / "best.json").write_text(
@@ -631,7 +687,16 @@ class Trainer:
             state=DataState(**state["data"]),
         )
         self.model.set_step(self.step)
-        set_rng_state(saved["rng"])
+        if len(saved["rng"]) != self.rt.world:
+            raise KvdError(
+                f"{path}: written by {len(saved['rng'])} process(es), resumed with {self.rt.world}",
+                hint="resume with the same number of processes (torchrun --nproc_per_node)",
+            )
+        set_rng_state(saved["rng"][self.rt.rank])
+        best = self.run_dir / "best.json"
+        if best.exists():
+            info = json.loads(best.read_text())
+            self.best = (float(info["val_bits_per_byte"]), path.parent / info["path"])
 
     def save_outputs(self, metrics: LMMetrics) -> None:
         """The student in HF format with its tokenizer, the heads, and the final metrics."""
@@ -640,6 +705,11 @@ class Trainer:
         out = self.run_dir / "student"
         self.model.student.save_pretrained(out)
         self.student.tokenizer.save_pretrained(out)
+        # the BOS the student was trained with, which not every tokenizer class records
+        config = out / "tokenizer_config.json"
+        data = json.loads(config.read_text()) if config.exists() else {}
+        data["add_bos_token"] = self.student.geometry.adds_bos
+        config.write_text(json.dumps(data, indent=2))
         heads = {
             k: v.detach().cpu().clone()
             for k, v in self.model.state_dict().items()
@@ -655,10 +725,20 @@ class Trainer:
         )
 
     def run(self, log: MetricsLog | None, progress: Progress) -> TrainResult:
+        """Train to max_steps (or max_tokens); SIGTERM / SIGUSR1 save and stop at a step end."""
+        max_steps = self.spec.training.max_steps
+        progress.start(max_steps, self.step)
+        with PreemptionFlag() as preempt:
+            self._loop(log, progress, preempt)
+        progress.stop()
+        final = self.validate()
+        self.save_outputs(final)
+        return TrainResult(self.run_dir, self.step, final)
+
+    def _loop(self, log: MetricsLog | None, progress: Progress, preempt: PreemptionFlag) -> None:
         tr = self.spec.training
         ev = self.spec.evaluation
         max_steps = tr.max_steps
-        progress.start(max_steps, self.step)
         while self.step < max_steps:
             if tr.max_tokens is not None and self.tokens >= tr.max_tokens:
                 break
@@ -666,12 +746,6 @@ class Trainer:
                 log.write({"step": self.step, "event": "stage", "stage": self.model.stage_index})
             record = self.train_step()
             self.step += 1
-            if self.nonfinite >= 5:
-                raise KvdError(
-                    f"training stopped: {self.nonfinite} non-finite losses or gradients in a row "
-                    f"(step {self.step}); the last good checkpoint is intact",
-                    hint="lower training.lr or check the data",
-                )
             val = None
             if self.step % ev.every == 0 or self.step == max_steps:
                 metrics = self.validate()
@@ -686,12 +760,57 @@ class Trainer:
             if log and (self.step % tr.log_every == 0 or val is not None):
                 log.write(record)
             progress.update(self.step, record)
-            if self.step % tr.checkpoint_every == 0 or self.step == max_steps:
+            if self.nonfinite >= tr.max_nonfinite:
+                progress.stop()
+                raise KvdError(
+                    f"training stopped: {self.nonfinite} non-finite losses or gradients in a row "
+                    f"(step {self.step}); the last good checkpoint is intact",
+                    hint="lower training.lr or check the data",
+                )
+            stop = self._any_rank(preempt.signal is not None)
+            if self.step % tr.checkpoint_every == 0 or self.step == max_steps or stop:
                 self.checkpoint(val)
-        progress.stop()
-        final = self.validate()
-        self.save_outputs(final)
-        return TrainResult(self.run_dir, self.step, final)
+            if stop:
+                progress.stop()
+                raise Preempted(
+                    f"stopped by {preempt.signal or 'a signal on another rank'} after step "
+                    f"{self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}",
+                    hint="run the same command again to resume",
+                )
+
+
+HARMLESS_CHANGES = (
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.keep_checkpoints",
+    "training.max_nonfinite",
+    "training.device",
+    "evaluation",
+)
+"""Spec keys a resumed run may change: they alter logging and bookkeeping, not the result."""
+
+
+def check_same_run(run_dir: Path, spec: RunSpec) -> None:
+    """A run resumes only with the spec it started with; harmless changes only warn."""
+    stored = run_dir / "spec.resolved.yaml"
+    if not stored.exists():
+        raise KvdError(f"output.dir {run_dir}: holds a run without spec.resolved.yaml")
+    before = yaml.safe_load(stored.read_text(encoding="utf-8"))
+    # output.dir names where the run is, not what it computes (a run dir may be moved)
+    changed = [
+        k for k in dotted_differences(before, spec.model_dump(mode="json")) if k != "output.dir"
+    ]
+    harmless = [k for k in changed if k.startswith(HARMLESS_CHANGES)]
+    altering = [k for k in changed if k not in harmless]
+    if altering:
+        raise KvdError(
+            f"output.dir {run_dir}: holds a run of a different spec; changed: "
+            + ", ".join(altering),
+            hint="resume with the run's own spec (spec.yaml in the run dir), or pick another "
+            "output.dir",
+        )
+    if harmless:
+        print(f"kvd: warning: resuming with changed {', '.join(harmless)}", file=sys.stderr)
 
 
 def resume_point(run_dir: Path, resume: Path | None) -> Path | None:
@@ -703,7 +822,9 @@ def resume_point(run_dir: Path, resume: Path | None) -> Path | None:
         if problem:
             raise KvdError(f"--resume {resume}: not a usable checkpoint: {problem}")
         return resume
-    valid, _ = list_checkpoints(run_dir / "checkpoints")
+    valid, invalid = list_checkpoints(run_dir / "checkpoints")
+    for path, problem in invalid:
+        print(f"kvd: warning: ignoring checkpoint {path}: {problem}", file=sys.stderr)
     return valid[-1].path if valid else None
 
 
@@ -719,10 +840,20 @@ def train(
     runtime = setup_runtime(spec.training.device)
     run_dir = spec.output_dir()
     checkpoint = None
-    if resume:
-        if not holds_run(run_dir):
-            raise KvdError(f"output.dir {run_dir}: holds no run to resume")
+    if holds_run(run_dir):
+        if (run_dir / "results.json").exists():
+            raise KvdError(
+                f"output.dir {run_dir}: already holds a finished run",
+                hint="pick another dir with --set output.dir=...",
+            )
+        check_same_run(run_dir, spec)  # the same command again continues an unfinished run
+        resume = resume or True
         checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None)
+        if runtime.main:
+            step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
+            print(f"kvd: resuming the run in {run_dir} from step {step}", file=sys.stderr)
+    elif resume:
+        raise KvdError(f"output.dir {run_dir}: holds no run to resume")
     elif runtime.main:
         check_new_run_dir(run_dir)
     # models and data are checked before anything is written: bad input leaves no run dir

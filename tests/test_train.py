@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,7 @@ def test_existing_run_is_refused_and_untouched(
     spec.write_text(yaml.safe_dump(tiny_spec(finished)))
     assert main(["train", str(spec)]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "--resume" in err and "Traceback" not in err
+    assert "already holds a finished run" in err and "Traceback" not in err
     assert tree_hash(finished) == before
 
 
@@ -120,18 +121,51 @@ def test_stages_switch_teachers(tmp_path: Path) -> None:
     assert records[3]["route/L0/qwen"] == pytest.approx(0.5)
 
 
+def killed_copy(finished_run: Path, to: Path, keep_checkpoint: int | None) -> Path:
+    """A copy of a finished run as if killed after step 3: no outputs, checkpoints up to
+    `keep_checkpoint` (None: none), metrics up to step 3."""
+    import shutil
+
+    shutil.copytree(finished_run, to)
+    for name in ("results.json", "heads.safetensors", "best.json"):
+        (to / name).unlink(missing_ok=True)
+    shutil.rmtree(to / "student")
+    for ckpt in (to / "checkpoints").glob("step-*"):
+        if keep_checkpoint is None or int(ckpt.name[5:]) > keep_checkpoint:
+            shutil.rmtree(ckpt)
+    lines = (to / "metrics.jsonl").read_text().splitlines()
+    kept = [x for x in lines if json.loads(x).get("step", 0) <= 3]
+    (to / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    return to
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
-    straight = tiny_spec(tmp_path / "a")
-    run(straight)
-    half = tiny_spec(tmp_path / "b")
-    half["training"]["max_steps"] = 2
-    run(half)
-    again = tiny_spec(tmp_path / "b")
-    run(again, resume=True)
+    run(tiny_spec(tmp_path / "a"))
     a = [r for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss/total" in r]
-    b = [r for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [r["loss/total"] for r in b] == [r["loss/total"] for r in a]
+    for keep, label in ((2, "b"), (None, "c")):  # from step 2's checkpoint; from the start
+        killed_copy(tmp_path / "a", tmp_path / label, keep)
+        run(tiny_spec(tmp_path / label))  # the same command again resumes
+        b = [r for r in read_metrics(tmp_path / label / "metrics.jsonl") if "loss/total" in r]
+        assert [r["step"] for r in b] == [1, 2, 3, 4]
+        assert [r["loss/total"] for r in b] == [r["loss/total"] for r in a]
+
+
+def test_resume_with_a_changed_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(tiny_spec(tmp_path / "a"))
+    killed_copy(tmp_path / "a", tmp_path / "b", 2)
+    changed = tiny_spec(tmp_path / "b")
+    changed["training"]["lr"] = 0.1
+    changed["data"]["seq_len"] = 40
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(changed))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "different spec" in err and "data.seq_len" in err and "training.lr" in err
+    harmless = tiny_spec(tmp_path / "b")
+    harmless["training"]["log_every"] = 2
+    spec.write_text(yaml.safe_dump(harmless))
+    assert main(["train", str(spec)]) == 0
+    assert "warning: resuming with changed training.log_every" in capsys.readouterr().err
 
 
 def test_nonfinite_losses_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -226,26 +260,6 @@ def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
     assert all(r["skipped"] is False and r["grad_norm"] > 0 for r in records)
 
 
-def test_resume_drops_records_after_the_checkpoint_and_restarts_without_one(
-    tmp_path: Path,
-) -> None:
-    half = tiny_spec(tmp_path / "b")
-    half["training"]["max_steps"] = 2
-    run(half)
-    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # a step logged, then killed
-        f.write('{"step": 3, "loss/total": 99.0}\n')
-    run(tiny_spec(tmp_path / "b"), resume=True)
-    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
-    assert steps == [1, 2, 3, 4]
-    # a run killed before its first checkpoint resumes from the start
-    import shutil
-
-    shutil.rmtree(tmp_path / "b" / "checkpoints")
-    run(tiny_spec(tmp_path / "b"), resume=True)
-    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "loss/total" in r]
-    assert steps == [1, 2, 3, 4]
-
-
 def test_cache_without_the_logits_a_loss_needs_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -270,3 +284,12 @@ def test_grad_accum_and_max_tokens(tmp_path: Path) -> None:
     assert per_step > 2 * 40  # two micro-batches of 2 windows each
     assert records[-1]["tokens"] >= 200 > records[-2]["tokens"]
     assert result.steps == len(records) < 10  # type: ignore[attr-defined]
+
+
+def test_saved_student_keeps_its_bos_behaviour(finished: Path) -> None:
+    from kvd.geometry import read_hf_dir
+    from kvd.sources.tiny import TinySource
+    from tests.specs import STUDENT
+
+    trained_with = TinySource(TinySource.Config(config=STUDENT)).geometry().adds_bos
+    assert read_hf_dir(finished / "student").adds_bos is trained_with is True

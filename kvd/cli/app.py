@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import Any
 
-import click
 import typer
 
 from kvd.cli.errors import render_error, stderr
@@ -15,7 +16,8 @@ from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
 
 def build_app() -> typer.Typer:
     """A fresh app with every built-in and plugin command."""
-    from kvd.cli import cache_teachers, check_shapes, plugins, schema, train, validate
+    from kvd.cli import ab, cache_teachers, check_shapes, compare, plugins, schema, train, validate
+    from kvd.cli import eval as eval_cli
 
     app = typer.Typer(
         name="kvd",
@@ -33,7 +35,17 @@ def build_app() -> typer.Typer:
     ) -> None:
         """kvd: multi-teacher KV-cache distillation."""
 
-    for module in (plugins, validate, schema, check_shapes, train, cache_teachers):
+    for module in (
+        plugins,
+        validate,
+        schema,
+        check_shapes,
+        train,
+        cache_teachers,
+        eval_cli,
+        compare,
+        ab,
+    ):
         module.register(app)
     loaded = get_plugins()
     for failure in loaded.failures:
@@ -47,24 +59,33 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _click() -> Any:
+    """The click that Typer runs on: its own vendored copy since typer 0.26, else click."""
+    try:
+        return importlib.import_module("typer._click")
+    except ImportError:
+        return importlib.import_module("click")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user-fixable errors are printed and turned into exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
     if "--no-plugins" in args:
         os.environ[ALLOWLIST_ENV] = ""
         reset_plugins()
+    click = _click()
     try:
         app = build_app()
         result = app(args=args, prog_name="kvd", standalone_mode=False)
     except KvdError as exc:
         render_error(exc)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+        return int(exc.exit_code)
+    except typer.Abort:
         stderr.print("aborted")
         return 130
     return result if isinstance(result, int) else 0

@@ -11,13 +11,22 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from kvd.errors import KvdError
+
 CACHE_ENV = "KVD_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """`$KVD_CACHE_DIR`, else `~/.cache/kvd`."""
+    """`$KVD_CACHE_DIR`, else `~/.cache/kvd`; it must be a folder (or not exist yet)."""
     raw = os.environ.get(CACHE_ENV)
-    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "kvd"
+    path = Path(raw).expanduser() if raw else Path.home() / ".cache" / "kvd"
+    if path.exists() and not path.is_dir():
+        where = f"{CACHE_ENV}={raw}" if raw else str(path)
+        raise KvdError(
+            f"{where}: is not a folder (kvd keeps converted models there)",
+            hint=f"point {CACHE_ENV} at a folder, or remove the file",
+        )
+    return path
 
 
 @contextmanager

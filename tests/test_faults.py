@@ -1,0 +1,225 @@
+"""Long runs that survive faults: SIGKILL and resume exactly, preemption by signal, a crash
+while writing a checkpoint, non-finite steps, and checkpoints that would run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kvd.checkpoint import list_checkpoints, verify
+from kvd.cli.app import main
+from kvd.rundir import read_metrics
+from kvd.train import PreemptionFlag
+from tests.specs import tiny_spec
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+
+
+def long_spec(out: Path) -> dict:
+    data = tiny_spec(out)
+    data["training"].update(max_steps=50, batch_size=8, checkpoint_every=10, keep_checkpoints=10)
+    data["evaluation"] = {"every": 1000, "batches": 1}
+    return data
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {
+        r["step"]: r["loss/total"]
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if "loss/total" in r
+    }
+
+
+def start(spec: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(s >= step for s in losses(run_dir)):
+            return
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.005)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 50-step run (in a subprocess, like the interrupted ones)."""
+    root = tmp_path_factory.mktemp("straight")
+    (root / "spec.yaml").write_text(yaml.safe_dump(long_spec(root / "run")))
+    subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(root / "spec.yaml")],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    return root / "run"
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "student" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact(straight: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(long_spec(tmp_path / "run")))
+    proc = start(spec)
+    wait_for_step(tmp_path / "run", 37, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
+    resumed_from = valid[-1].step
+    assert resumed_from in (30, 40) and resumed_from <= max(losses(tmp_path / "run"))
+    rerun = subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resuming the run in {tmp_path / 'run'} from step {resumed_from}" in rerun.stderr
+    a, b = losses(straight), losses(tmp_path / "run")
+    assert sorted(b) == list(range(1, 51))
+    assert [b[s] for s in range(resumed_from + 1, 51)] == [
+        a[s] for s in range(resumed_from + 1, 51)
+    ]
+    wa, wb = final_weights(straight), final_weights(tmp_path / "run")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_143(straight: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(long_spec(tmp_path / "run")))
+    proc = start(spec)
+    wait_for_step(tmp_path / "run", 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert b"stopped by SIGTERM" in err and b"Traceback" not in err
+    valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
+    stopped = valid[-1].step
+    assert stopped == max(losses(tmp_path / "run")) >= 5  # saved at the step it stopped
+    subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    a, b = losses(straight), losses(tmp_path / "run")
+    assert [b[s] for s in range(1, 51)] == [a[s] for s in range(1, 51)]
+
+
+def test_preemption_flag_records_sigusr1_and_restores_handlers() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert flag.signal == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvd.checkpoint
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj: object, path: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second checkpoint's optimizer state: the disk fills up
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kvd.checkpoint.torch, "save", failing_save)
+    data = tiny_spec(tmp_path / "run")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "previous checkpoints are intact" in err
+    valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [c.step for c in valid] == [2] and verify(valid[0].path) is None
+    monkeypatch.setattr(kvd.checkpoint.torch, "save", real_save)
+    assert main(["train", str(spec)]) == 0  # resumes from step 2
+    steps = sorted(
+        r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r
+    )
+    assert steps == [1, 2, 3, 4]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvd.distill import DistillModel
+
+    real = DistillModel.forward
+    calls = {"n": 0}
+
+    def poisoned(self: DistillModel, *args: object, **kwargs: object) -> object:
+        out = real(self, *args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] in (2, 4, 5, 6):  # one bad step, a good one, then three in a row
+            out.total = out.total * float("nan")
+            out.parts["loss/total"] = float("nan")
+        return out
+
+    monkeypatch.setattr(DistillModel, "forward", poisoned)
+    data = tiny_spec(tmp_path / "run")
+    data["training"].update(max_steps=20, checkpoint_every=1, max_nonfinite=3)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "3 non-finite losses or gradients in a row" in err and "Traceback" not in err
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "skipped" in r]
+    assert [r["skipped"] for r in records] == [False, True, False, True, True, True]
+    valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
+    newest = valid[-1].path
+    assert verify(newest) is None
+    weights = load_file(newest / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tiny_spec(tmp_path / "run")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 0
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    marker = tmp_path / "pwned"
+    payload = b"cbuiltins\nexec\n(V" + f"open({str(marker)!r}, 'w').write('x')".encode() + b"\ntR."
+    (ckpt / "optimizer.pt").write_bytes(payload)
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # an attacker fixes the hashes
+    import hashlib
+
+    manifest["files"]["optimizer.pt"] = hashlib.sha256(payload).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "run" / "results.json").unlink()
+    assert main(["train", str(spec), "--resume-from", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "refused to load" in err and "optimizer.pt" in err and "Traceback" not in err
+    assert not marker.exists()
