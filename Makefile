@@ -32,10 +32,12 @@ demo: $(STAMP)
 	$(BIN)/kvd train configs/quickstart.yaml --baseline \
 		--set output.dir=runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# The core suite, then each plugins_contrib/ package installed into the venv and its own tests.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	VIRTUAL_ENV=$(abspath $(VENV)) scripts/test_contrib.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check kvd tests
-	$(BIN)/ruff format --check kvd tests
+	$(BIN)/ruff check kvd tests plugins_contrib scripts
+	$(BIN)/ruff format --check kvd tests plugins_contrib scripts
 	$(BIN)/mypy

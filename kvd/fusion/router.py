@@ -68,7 +68,11 @@ class LearnableFusion(RoutedFusion):
 
 class TopKFusion(LearnableFusion):
     """Dynamic selection: the learnable router's k highest weights at each position (among the
-    valid teachers; all of them when fewer are valid), renormalised to sum to 1."""
+    valid teachers; all of them when fewer are valid), renormalised to sum to 1.
+
+    The selection is straight-through: the forward pass uses the renormalised top-k weights,
+    the backward pass the router's full softmax, so the router keeps learning (with k=1 the
+    kept weight is always exactly 1 and would otherwise pass no gradient)."""
 
     class Config(LearnableFusion.Config):
         """k: how many teachers to keep per position."""
@@ -84,4 +88,5 @@ class TopKFusion(LearnableFusion):
     def select(self, probs: Tensor, valid: Tensor) -> Tensor:
         top = probs.masked_fill(~valid, -1.0).topk(self.k, dim=-1).indices
         keep = torch.zeros_like(valid).scatter(-1, top, True) & valid
-        return normalise(probs, keep)
+        hard = normalise(probs, keep)
+        return hard.detach() + probs - probs.detach()
