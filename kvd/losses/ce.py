@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvd.losses.base import Loss, LossInputs, keep, masked_mean
+from kvd.losses.base import Loss, LossInputs
 
 
 class CELoss(Loss):
@@ -18,7 +18,8 @@ class CELoss(Loss):
     inputs: ClassVar[LossInputs] = "ce"
 
     def forward(self, student_logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
-        target_mask = mask[:, 1:]
-        logits = keep(student_logits[:, :-1].float(), target_mask[..., None])
-        ce = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        return masked_mean(ce, target_mask)
+        valid = mask[:, 1:].bool()
+        if not valid.any():
+            return student_logits.sum() * 0.0
+        # only the valid rows [N, V]: vocabulary-wide work is the cost of this loss
+        return F.cross_entropy(student_logits[:, :-1][valid].float(), input_ids[:, 1:][valid])

@@ -42,12 +42,14 @@ class LogitKDLoss(Loss):
                 hint="use loss 'uld' (Universal Logit Distillation) across vocabularies",
             )
         tau = self.temperature
-        m = mask[..., None]
-        log_s = F.log_softmax(keep(student_logits.float(), m) / tau, dim=-1)
-        log_t = F.log_softmax(keep(teacher_logits.float(), m) / tau, dim=-1)
-        p_t = log_t.exp()
-        kl = (p_t * (log_t - log_s)).where(p_t > 0, p_t.new_zeros(())).sum(dim=-1)
-        return masked_mean(kl, mask) * tau**2
+        valid = mask.bool()
+        if not valid.any():
+            return student_logits.sum() * 0.0
+        # only the valid rows [N, V]: vocabulary-wide work is the cost of this loss
+        log_s = F.log_softmax(student_logits[valid].float() / tau, dim=-1)
+        log_t = F.log_softmax(teacher_logits[valid].float() / tau, dim=-1)
+        kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / log_s.shape[0]
+        return kl * tau**2
 
 
 class ULDLoss(Loss):
