@@ -59,6 +59,19 @@ def projector_key(teacher: str, layer: int) -> str:
     return f"{teacher}__L{layer}"
 
 
+def kv_parts(
+    loss: Loss, keys: tuple[Tensor, Tensor], values: tuple[Tensor, Tensor], mask: Tensor
+) -> Tensor:
+    """A KV loss on (student, target) keys and values: the mean of both, or only the part its
+    `parts` option names ("k" or "v"; losses without the option compare both)."""
+    parts = getattr(loss, "parts", "kv")
+    if parts == "k":
+        return loss(*keys, mask)
+    if parts == "v":
+        return loss(*values, mask)
+    return 0.5 * (loss(*keys, mask) + loss(*values, mask))
+
+
 class DistillModel(nn.Module):
     """Student + projectors + fusion + losses.
 
@@ -226,9 +239,8 @@ class DistillModel(nn.Module):
         values = []
         for j in t.keys:
             pk, pv = self.projectors[projector_key(tid, j)](s_keys[j], s_values[j])
-            value = 0.5 * (
-                term.module(pk, t.keys[j].float(), t.mask)
-                + term.module(pv, t.values[j].float(), t.mask)
+            value = kv_parts(
+                term.module, (pk, t.keys[j].float()), (pv, t.values[j].float()), t.mask
             )
             out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(value.detach())
             values.append(value)
@@ -264,10 +276,11 @@ class DistillModel(nn.Module):
             )
             fmask = fused_mask(tmask)
             value = (
-                0.5
-                * (
-                    term.module(sk, fuse(tk, routed.weights), fmask)
-                    + term.module(sv, fuse(tv, routed.weights), fmask)
+                kv_parts(
+                    term.module,
+                    (sk, fuse(tk, routed.weights)),
+                    (sv, fuse(tv, routed.weights)),
+                    fmask,
                 )
                 + routed.aux_loss
             )

@@ -56,13 +56,16 @@ class KVLoss(Loss):
 
     class Config(Loss.Config):
         """guard: "variance" standardises both sides by the target's statistics (see module
-        docstring); "none" compares the raw tensors."""
+        docstring); "none" compares the raw tensors. parts: "kv" averages the K and V losses,
+        "k" or "v" compares only one of them (the K-only / V-only ablation of `kvd ab`)."""
 
         guard: Literal["none", "variance"] = "variance"
+        parts: Literal["kv", "k", "v"] = "kv"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.guard = config.guard
+        self.parts = config.parts
 
     def forward(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         m = mask[:, None, :, None]

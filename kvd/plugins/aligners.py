@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvd.align.control import ShuffledTokenAligner
 from kvd.align.layers import CKALayerAligner, ExplicitLayerAligner, UniformLayerAligner
 from kvd.align.time import ResampleAligner, SegmentResampleAligner
 from kvd.align.tokens import HardTokenAligner, SoftTokenAligner
@@ -12,6 +13,7 @@ from kvd.hookspecs import Register, hookimpl
 def register_aligners(register: Register) -> None:
     register("soft", SoftTokenAligner)
     register("hard", HardTokenAligner)
+    register("shuffled", ShuffledTokenAligner)
     register("resample", ResampleAligner)
     register("segment_resample", SegmentResampleAligner)
     register("uniform", UniformLayerAligner)

@@ -1,0 +1,267 @@
+"""`kvd ab` on tiny models: the quickstart experiment file end to end (2 seeds, 2 steps),
+resuming without rerunning finished runs, every group's overrides, the controls, bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from kvd.ab import plan
+from kvd.cli.app import main
+from kvd.data import SplitManifest, write_manifest
+from kvd.distill import kv_parts
+from kvd.losses.kv import KVMSELoss
+from kvd.rundir import read_metrics
+from kvd.spec import parse_spec
+from kvd.tokenize import tokenize
+from kvd.train import load_model
+from tests.specs import tiny_spec
+
+SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART_AB = ROOT / "experiments" / "quickstart_ab.yaml"
+
+
+def tiny_base(path: Path) -> Path:
+    """The quickstart's structure on tiny models: teachers smollm2 and gemma3, CE + logit KD
+    from smollm2 + KV MSE from both."""
+    data = tiny_spec(path.parent / "unused", data=SMALL_DATA)
+    data["teachers"][0]["id"], data["teachers"][1]["id"] = "smollm2", "gemma3"
+    data["losses"] = [
+        {"name": "ce", "weight": 0.5},
+        {"name": "logit_kd", "weight": 0.5, "teachers": ["smollm2"]},
+        {"name": "kv_mse", "weight": 0.1},
+    ]
+    del data["output"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def experiment(tmp: Path, name: str = "exp", **changes: Any) -> Path:
+    """experiments/quickstart_ab.yaml on the tiny base, 2 seeds of 2 steps, into `tmp`."""
+    exp = yaml.safe_load(QUICKSTART_AB.read_text())
+    exp |= {
+        "base": str(tiny_base(tmp / "base.yaml")),
+        "seeds": [0, 1],
+        "steps": 2,
+        "runs": str(tmp / "runs"),
+        "report": str(tmp / "report"),
+        "eval_max_texts": 6,
+    } | changes
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(exp, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart experiment on tiny models, run once."""
+    tmp = tmp_path_factory.mktemp("ab")
+    assert main(["ab", str(experiment(tmp)), "--min-seeds", "2"]) == 0
+    return tmp
+
+
+def test_quickstart_experiment_end_to_end(finished: Path) -> None:
+    import json
+
+    runs, report = finished / "runs", finished / "report"
+    result = json.loads((report / "compare.json").read_text())
+    labels = [g["label"] for g in result["groups"]]
+    assert labels == ["ce_only", "single_smollm2", "multi", "teacher smollm2", "teacher gemma3"]
+    facts = result["experiment"]
+    assert facts["equal_tokens"] and len(facts["tokens"]["multi"]) == 2  # equal compute
+    assert facts["tokens"]["ce_only"] == facts["tokens"]["single_smollm2"]
+    for group in ("ce_only", "single_smollm2", "multi"):
+        for seed in (0, 1):
+            run = runs / group / f"seed{seed}"
+            assert (run / "results.json").exists() and (run / "eval" / "validation.json").exists()
+    single = yaml.safe_load((runs / "single_smollm2" / "seed0" / "spec.yaml").read_text())
+    assert [t["id"] for t in single["teachers"]] == ["smollm2"]
+    assert [
+        x["name"] for x in yaml.safe_load((runs / "ce_only/seed0/spec.yaml").read_text())["losses"]
+    ] == ["ce"]
+    paired = {r["group"]: r for r in result["paired"]}
+    assert paired["multi"]["unit"] == "bits/byte" and paired["multi"]["texts"] == 6
+    text = (report / "report.md").read_text()
+    assert "kvd ab: exp" in text and "`--set` overrides" in text and "routing_multi.png" in text
+
+
+def test_rerun_resumes_only_the_unfinished_run(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = finished / "runs"
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*/seed*/results.json")}
+    partial = runs / "multi" / "seed1"
+    (partial / "results.json").unlink()  # as if killed after its last checkpoint
+    shutil.rmtree(partial / "student")
+    capsys.readouterr()
+    assert main(["ab", str(finished / "exp.yaml"), "--min-seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, not rerun") == 5 and out.count("resuming") == 1
+    for path, mtime in before.items():
+        if path.parent != partial:
+            assert path.stat().st_mtime_ns == mtime, path
+    assert (partial / "results.json").exists()
+    steps = [r["step"] for r in read_metrics(partial / "metrics.jsonl") if "loss/total" in r]
+    assert steps == [1, 2]
+
+
+def test_every_group_is_a_set_of_overrides(tmp_path: Path) -> None:
+    path = experiment(
+        tmp_path,
+        seeds=[0, 1, 2],
+        groups=["single", "multi_similarity", "multi_task_conditional"],
+        controls=["random_teacher", "shuffled_alignment"],
+        ablations=[
+            "k_only",
+            "v_only",
+            "layers_shallow",
+            "tokens_hard",
+            "layer_map_cka",
+            "leave_one_out",
+        ],
+        custom={"low_kv": {"set": ["losses.2.weight=0.01"]}},
+    )
+    p = plan(path)
+    assert next(iter(p.groups)) == "ce_only" and "single_gemma3" in p.groups
+    assert len(p.runs) == 3 * len(p.groups)
+    g = p.groups
+    assert g["random_teacher"] == ["teachers.0.reinit=true", "teachers.1.reinit=true"]
+    assert g["shuffled_alignment"] == ["alignment.tokens={name: shuffled}"]
+    assert g["k_only"] == ["losses.2.parts=k"] and g["v_only"] == ["losses.2.parts=v"]
+    assert g["layers_shallow"] == ["alignment.layers={name: uniform, student_layers: shallow}"]
+    assert g["layer_map_cka"] == ["alignment.layers={name: cka, student_layers: all}"]
+    assert g["multi_similarity"] == ["fusion={name: similarity}"]
+    assert g["low_kv"] == ["losses.2.weight=0.01"]
+    by_group = {r.group: r.spec for r in p.runs if r.seed == 2}
+    assert [t.id for t in by_group["leave_out_smollm2"].teachers] == ["gemma3"]
+    assert [x.name for x in by_group["leave_out_smollm2"].losses] == ["ce", "kv_mse"]
+    assert by_group["tokens_hard"].alignment.tokens.name == "hard"
+    assert by_group["multi_similarity"].student.config.seed == 2  # a seed varies the student's init
+
+
+def test_control_and_ablation_groups_train(tmp_path: Path) -> None:
+    path = experiment(
+        tmp_path,
+        seeds=[0],
+        steps=1,
+        groups=[],
+        controls=["random_teacher", "shuffled_alignment"],
+        ablations=["k_only", "v_only"],
+        evaluate=False,
+        evaluate_teachers=False,
+    )
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 0
+    for group in ("random_teacher", "shuffled_alignment", "k_only", "v_only"):
+        records = read_metrics(tmp_path / "runs" / group / "seed0" / "metrics.jsonl")
+        assert records[0]["loss/kv_mse"] > 0, group
+
+
+def test_runs_that_compute_the_same_teacher_targets_share_a_cache(tmp_path: Path) -> None:
+    path = experiment(
+        tmp_path,
+        seeds=[0],
+        steps=1,
+        groups=["multi", "multi_fixed"],
+        teacher_cache=True,
+        evaluate=False,
+        evaluate_teachers=False,
+    )
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 0
+    caches = {
+        group: yaml.safe_load((tmp_path / "runs" / group / "seed0" / "spec.yaml").read_text())[
+            "training"
+        ].get("teacher_cache")
+        for group in ("ce_only", "multi", "multi_fixed")
+    }
+    assert caches["ce_only"] is None and caches["multi"] == caches["multi_fixed"]
+    assert (Path(caches["multi"]) / "manifest.json").exists()
+    assert Path(caches["multi"]).parent == tmp_path / "runs" / "cache"
+
+
+def test_shuffled_aligner_permutes_rows_of_the_soft_alignment() -> None:
+    from kvd.align.control import ShuffledTokenAligner
+    from kvd.align.tokens import SoftTokenAligner
+    from kvd.sources.byte_tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    texts = ["the quick brown fox jumps", "over the lazy dog again and again"]
+    batch = tokenize(tok, texts, add_bos=True)
+    soft = SoftTokenAligner(SoftTokenAligner.Config()).align(batch, batch)
+    aligner = ShuffledTokenAligner(ShuffledTokenAligner.Config(seed=1))
+    shuffled = aligner.align(batch, batch)
+    assert torch.equal(shuffled.mask, soft.mask)
+    assert not torch.equal(shuffled.index, soft.index)
+    for b in range(2):
+        rows = soft.mask[b]
+        assert sorted(shuffled.index[b, rows, 0].tolist()) == sorted(
+            soft.index[b, rows, 0].tolist()
+        )
+    assert torch.equal(aligner.align(batch, batch).index, shuffled.index)  # same batch, same
+    other = ShuffledTokenAligner(ShuffledTokenAligner.Config(seed=2)).align(batch, batch)
+    assert not torch.equal(other.index, shuffled.index)
+
+
+def test_reinit_replaces_the_weights_with_a_seeded_random_init(tmp_path: Path) -> None:
+    teacher = parse_spec(tiny_spec(tmp_path)).teachers[0]
+    random = teacher.model_copy(update={"reinit": True})
+
+    def weights(ref: Any, seed: int) -> torch.Tensor:
+        model = load_model(ref, torch.device("cpu"), "t", seed).model
+        return model.get_input_embeddings().weight.detach().clone()
+
+    assert not torch.equal(weights(teacher, 0), weights(random, 0))
+    assert torch.equal(weights(random, 5), weights(random, 5))
+    assert not torch.equal(weights(random, 5), weights(random, 6))
+
+
+def test_kv_parts_compare_only_the_part_asked_for() -> None:
+    k, v = torch.randn(2, 1, 4, 3), torch.randn(2, 1, 4, 3)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    loss = {p: KVMSELoss(KVMSELoss.Config(parts=p)) for p in ("kv", "k", "v")}
+    garbage = torch.randn(2, 1, 4, 3) * 100
+    assert kv_parts(loss["k"], (k, k), (v, garbage), mask) == 0
+    assert kv_parts(loss["v"], (k, garbage), (v, v), mask) == 0
+    both = kv_parts(loss["kv"], (k, k), (v, garbage), mask)
+    assert both == pytest.approx(0.5 * float(loss["kv"](v, garbage, mask)))
+
+
+def test_bad_input_exits_2(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = [
+        (
+            experiment(tmp_path, "a", groups=["multi_x"]),
+            ["--min-seeds", "2"],
+            "unknown group(s) 'multi_x'",
+        ),
+        (experiment(tmp_path, "b"), [], "a comparison needs at least 3"),
+        (
+            experiment(tmp_path, "c", custom={"big": {"set": ["training.batch_size=4"]}}),
+            ["--min-seeds", "2"],
+            "changes training.batch_size",
+        ),
+        (experiment(tmp_path, "d", seeds=[0, 0]), ["--min-seeds", "1"], "seeds must be distinct"),
+        (experiment(tmp_path, "e", colour="red"), [], "unknown key"),
+        (tmp_path / "missing.yaml", [], "no such experiment file"),
+    ]
+    for path, args, message in cases:
+        assert main(["ab", str(path), *args]) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    # a run whose split differs from the others' (the data changed between runs)
+    split = finished / "runs" / "multi" / "seed0" / "split.json"
+    saved = split.read_text()
+    write_manifest(SplitManifest.of(["0" * 64], ["f" * 64], 0.05), split)
+    try:
+        assert main(["ab", str(finished / "exp.yaml"), "--min-seeds", "2"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "the groups must share one split" in err and "Traceback" not in err
+    finally:
+        split.write_text(saved)
