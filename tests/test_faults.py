@@ -223,3 +223,26 @@ def test_a_checkpoint_that_would_run_code_is_refused(
     err = capsys.readouterr().err
     assert "refused to load" in err and "optimizer.pt" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_a_pickled_model_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An HF dir with only pytorch_model.bin (a pickle that would write a marker) is refused."""
+    from tests.specs import LLAMA_TEACHER
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps({**LLAMA_TEACHER, "architectures": ["LlamaForCausalLM"], "vocab_size": 259})
+    )
+    marker = tmp_path / "pwned"
+    (model / "pytorch_model.bin").write_bytes(
+        b"cbuiltins\nexec\n(V" + f"open({str(marker)!r}, 'w').write('x')".encode() + b"\ntR."
+    )
+    data = tiny_spec(tmp_path / "run")
+    data["teachers"][0] = {"id": "pickled", "source": "hf", "path": str(model)}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "safetensors" in err and "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -52,11 +52,21 @@ class HfSource(ModelSource):
 
         geometry = self.geometry()
         try:
+            # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code on load
             model: Any = AutoModelForCausalLM.from_pretrained(
-                str(self.path), dtype=dtype, local_files_only=True, **self._code_options()
+                str(self.path),
+                dtype=dtype,
+                local_files_only=True,
+                use_safetensors=True,
+                **self._code_options(),
             )
         except OSError as exc:
-            raise KvdError(f"{self.path}: cannot load the model weights ({exc})") from None
+            raise KvdError(
+                f"{self.path}: cannot load the model weights ({exc})",
+                hint="kvd loads weights from safetensors files only; convert a pickled "
+                "checkpoint with save_pretrained(..., safe_serialization=True) in a trusted "
+                "environment",
+            ) from None
         return LoadedModel(model.to(device).eval(), self.tokenizer(), geometry)
 
     def tokenizer(self) -> Any:
