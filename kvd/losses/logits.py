@@ -22,9 +22,8 @@ class TemperatureConfig(Loss.Config):
     temperature: float = Field(1.0, gt=0)
 
 
-class LogitKDLoss(Loss):
-    """KL(teacher || student) of temperature-softened distributions, times temperature^2;
-    requires the same vocabulary size."""
+class LogitLoss(Loss):
+    """Base of the logit losses: `inputs` "logits", a temperature."""
 
     inputs: ClassVar[LossInputs] = "logits"
     Config = TemperatureConfig
@@ -32,6 +31,11 @@ class LogitKDLoss(Loss):
     def __init__(self, config: TemperatureConfig) -> None:
         super().__init__(config)
         self.temperature = config.temperature
+
+
+class LogitKDLoss(LogitLoss):
+    """KL(teacher || student) of temperature-softened distributions, times temperature^2;
+    requires the same vocabulary size."""
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -52,17 +56,10 @@ class LogitKDLoss(Loss):
         return kl * tau**2
 
 
-class ULDLoss(Loss):
+class ULDLoss(LogitLoss):
     """Universal Logit Distillation (Boizard et al. 2024): both probability vectors sorted in
     descending order, the shorter vocabulary zero-padded, L1 distance per position (the
     Wasserstein-1 distance under ULD's uniform transport cost). Any vocabulary sizes."""
-
-    inputs: ClassVar[LossInputs] = "logits"
-    Config = TemperatureConfig
-
-    def __init__(self, config: TemperatureConfig) -> None:
-        super().__init__(config)
-        self.temperature = config.temperature
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
         tau, m = self.temperature, mask[..., None]
