@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from kvd.ab_groups import builtin_groups, expand_names, setting
+from kvd.build import uses_teachers
 from kvd.component import config_class
 from kvd.data import read_manifest
 from kvd.errors import KvdError, SpecError
 from kvd.rundir import holds_run
 from kvd.spec import RunSpec, apply_overrides, parse_spec, pydantic_problems, read_yaml
-from kvd.train import uses_teachers
 
 BASELINE = "ce_only"
 
@@ -263,8 +263,9 @@ def build_cache(run: PlannedRun, base_dir: Path, console: Console) -> None:
     """Build the run's offline teacher cache unless a complete one is there (a partial one, left
     by an interrupted build, is built again)."""
     from kvd.progress import Progress
+    from kvd.runtime import setup_runtime
     from kvd.teacher_cache import MANIFEST, CacheWriter
-    from kvd.train import Trainer, setup_runtime
+    from kvd.train import Trainer
 
     assert run.spec.training.teacher_cache is not None
     root = Path(run.spec.training.teacher_cache)

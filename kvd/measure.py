@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvd.build import load_model
 from kvd.cloze import build_items, cloze_correct
 from kvd.data.split import content_hash
 from kvd.errors import KvdError
@@ -24,7 +25,6 @@ from kvd.evaluate import evaluate_lm, span_bytes
 from kvd.models import LoadedModel
 from kvd.spec import load_spec
 from kvd.tokenize import tokenize
-from kvd.train import load_model
 
 FORMAT = 1
 """Version of the eval JSON layout."""

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,13 +18,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from safetensors.torch import save_file
 
 from kvd.align.base import LayerAligner, LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.build import (
+    build_stages,
+    check_lengths,
+    kv_shape,
+    layer_plans,
+    load_model,
+    uses_teachers,
+)
 from kvd.checkpoint import (
-    list_checkpoints,
     load_checkpoint,
     prune,
     rng_state,
@@ -36,13 +39,11 @@ from kvd.checkpoint import (
 )
 from kvd.data import Data, build_data, write_manifest
 from kvd.data.packing import BatchStream, DataState
-from kvd.diff import dotted_differences
-from kvd.distill import DistillModel, LossTerm, Stage
-from kvd.errors import KvdError, PlanError
+from kvd.distill import DistillModel
+from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
-from kvd.geometry import ModelGeometry
-from kvd.models import LoadedModel
 from kvd.progress import Progress
+from kvd.resume import check_same_run, resume_point
 from kvd.rundir import (
     MetricsLog,
     check_new_run_dir,
@@ -53,27 +54,13 @@ from kvd.rundir import (
     write_environment,
     write_spec,
 )
+from kvd.runtime import Preempted, PreemptionFlag, Runtime, setup_runtime
 from kvd.schedule import lr_factor
-from kvd.spec import FusionRef, LossRef, RunSpec, TeacherRef
+from kvd.spec import RunSpec
 from kvd.targets import TeacherRuntime, TeacherTargets, teacher_targets
 from kvd.teacher_cache import FORMAT, CacheWriter, TeacherCache, pack
 from kvd.tokenize import tokenize
 from kvd.types import KVShape, TokenBatch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: device and its rank among `world` processes."""
-
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -84,169 +71,6 @@ class TrainResult:
     steps: int
     validation: LMMetrics
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Preempted(KvdError):
-    """The run was asked to stop (SIGTERM, SIGUSR1) and saved a checkpoint first."""
-
-    exit_code = 143
-
-
-class PreemptionFlag:
-    """Within the block, SIGTERM and SIGUSR1 (SLURM's warning) only record themselves, so the
-    loop can save at the next step boundary; the previous handlers come back afterwards."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def __enter__(self) -> PreemptionFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def setup_runtime(device: str) -> Runtime:
-    """Device and process group: under torchrun (WORLD_SIZE > 1) NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(dev, rank, world)
-
-
-# --- building the run ---------------------------------------------------------------------------
-
-
-def load_model(ref: Any, device: torch.device, where: str, seed: int = 0) -> LoadedModel:
-    """Load a teacher or the student, turning load failures into errors that name the model;
-    with `reinit` its weights are replaced by a random init of the same architecture (`seed`)."""
-    source = ref.build()
-    try:
-        loaded = source.load(device=device, dtype=DTYPES[ref.dtype])
-        if ref.reinit:
-            from kvd.sources.tiny import random_model
-
-            model = random_model(loaded.model.config, seed=seed, dtype=DTYPES[ref.dtype])
-            loaded.model = model.to(device)
-        return loaded
-    except torch.OutOfMemoryError:
-        raise KvdError(
-            f"{where}: out of memory loading {source.describe()} on {device}",
-            hint="use dtype: bfloat16, fewer teachers, or a bigger device",
-        ) from None
-
-
-def kv_shape(geometry: ModelGeometry) -> KVShape:
-    return KVShape(geometry.num_kv_heads, geometry.head_dim)
-
-
-def layer_plans(
-    aligner: LayerAligner,
-    teachers: list[tuple[TeacherRef, LoadedModel]],
-    student: LoadedModel,
-    calibration_texts: list[str],
-    token_aligner: TokenAligner,
-    rope: RopeAligner,
-    device: torch.device,
-) -> dict[str, LayerPlan]:
-    """One layer plan per teacher; CKA plans are computed on a calibration batch."""
-    plans = {}
-    n_student = student.geometry.num_layers
-    for ref, loaded in teachers:
-        n_teacher = loaded.geometry.num_layers
-        calibration = None
-        if aligner.needs_calibration:
-            from kvd.calibrate import layer_calibration
-
-            calibration = layer_calibration(
-                loaded, student, calibration_texts, token_aligner, rope, device
-            )
-        try:
-            plans[ref.id] = aligner.plan(n_teacher, n_student, calibration)
-        except PlanError as exc:
-            raise PlanError(f"alignment.layers for teacher {ref.id!r}: {exc.message}") from None
-    return plans
-
-
-def loss_terms(refs: list[LossRef], teacher_ids: list[str]) -> list[LossTerm]:
-    """Loss modules from their spec entries (each built from its own Config); a name used twice
-    is logged with its index."""
-    names = [ref.name for ref in refs]
-    return [
-        LossTerm(
-            ref.name if names.count(ref.name) == 1 else f"{ref.name}{i}",
-            ref.component(ref.config),
-            ref.weight,
-            ref.teachers or teacher_ids,
-        )
-        for i, ref in enumerate(refs)
-    ]
-
-
-def build_stages(
-    spec: RunSpec, n_layers: int, kv_dim: int, n_tasks: int, teacher_ids: list[str]
-) -> list[Stage]:
-    """The base stage from the spec's fusion/losses, then each training.stages entry."""
-    weights = [t.weight for t in spec.teachers]
-
-    def fusion_of(ref: FusionRef) -> Any:
-        return ref.component(
-            ref.config,
-            n_teachers=len(teacher_ids),
-            n_layers=max(n_layers, 1),
-            kv_dim=kv_dim,
-            n_tasks=n_tasks,
-            teacher_weights=weights,
-        )
-
-    stages = [Stage(0, teacher_ids, fusion_of(spec.fusion), loss_terms(spec.losses, teacher_ids))]
-    for entry in spec.training.stages:
-        prev = stages[-1]
-        if entry.start_step == 0:
-            stages.pop()
-        stages.append(
-            Stage(
-                entry.start_step,
-                entry.teachers or prev.teachers,
-                fusion_of(entry.fusion) if entry.fusion else prev.fusion,
-                loss_terms(entry.losses, teacher_ids) if entry.losses else prev.losses,
-            )
-        )
-    return stages
-
-
-def uses_teachers(spec: RunSpec) -> bool:
-    """Whether any loss of any stage reads teacher outputs (a CE-only run loads no teacher)."""
-    refs = list(spec.losses) + [x for st in spec.training.stages for x in st.losses or []]
-    return any(ref.component.inputs != "ce" for ref in refs)
-
-
-def check_lengths(spec: RunSpec, models: dict[str, ModelGeometry]) -> None:
-    """A sequence length beyond what a model's positions allow is bad input, named by model."""
-    for where, geometry in models.items():
-        limit = geometry.max_position
-        if limit is not None and spec.data.seq_len > limit:
-            raise KvdError(
-                f"data.seq_len {spec.data.seq_len} exceeds {where}'s {limit} positions",
-                hint=f"set data.seq_len <= {limit}",
-            )
 
 
 class Trainer:
@@ -777,55 +601,6 @@ class Trainer:
                     f"{self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}",
                     hint="run the same command again to resume",
                 )
-
-
-HARMLESS_CHANGES = (
-    "training.log_every",
-    "training.checkpoint_every",
-    "training.keep_checkpoints",
-    "training.max_nonfinite",
-    "training.device",
-    "evaluation",
-)
-"""Spec keys a resumed run may change: they alter logging and bookkeeping, not the result."""
-
-
-def check_same_run(run_dir: Path, spec: RunSpec) -> None:
-    """A run resumes only with the spec it started with; harmless changes only warn."""
-    stored = run_dir / "spec.resolved.yaml"
-    if not stored.exists():
-        raise KvdError(f"output.dir {run_dir}: holds a run without spec.resolved.yaml")
-    before = yaml.safe_load(stored.read_text(encoding="utf-8"))
-    # output.dir names where the run is, not what it computes (a run dir may be moved)
-    changed = [
-        k for k in dotted_differences(before, spec.model_dump(mode="json")) if k != "output.dir"
-    ]
-    harmless = [k for k in changed if k.startswith(HARMLESS_CHANGES)]
-    altering = [k for k in changed if k not in harmless]
-    if altering:
-        raise KvdError(
-            f"output.dir {run_dir}: holds a run of a different spec; changed: "
-            + ", ".join(altering),
-            hint="resume with the run's own spec (spec.yaml in the run dir), or pick another "
-            "output.dir",
-        )
-    if harmless:
-        print(f"kvd: warning: resuming with changed {', '.join(harmless)}", file=sys.stderr)
-
-
-def resume_point(run_dir: Path, resume: Path | None) -> Path | None:
-    """The checkpoint to resume from: the given one, or the newest valid one in the run."""
-    if resume is not None:
-        from kvd.checkpoint import verify
-
-        problem = verify(resume)
-        if problem:
-            raise KvdError(f"--resume {resume}: not a usable checkpoint: {problem}")
-        return resume
-    valid, invalid = list_checkpoints(run_dir / "checkpoints")
-    for path, problem in invalid:
-        print(f"kvd: warning: ignoring checkpoint {path}: {problem}", file=sys.stderr)
-    return valid[-1].path if valid else None
 
 
 def train(

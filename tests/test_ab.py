@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from kvd.ab import plan
+from kvd.build import load_model
 from kvd.cli.app import main
 from kvd.data import SplitManifest, write_manifest
 from kvd.distill import kv_parts
@@ -19,7 +20,6 @@ from kvd.losses.kv import KVMSELoss
 from kvd.rundir import read_metrics
 from kvd.spec import parse_spec
 from kvd.tokenize import tokenize
-from kvd.train import load_model
 from tests.specs import tiny_spec
 
 SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from kvd.checkpoint import list_checkpoints, verify
 from kvd.cli.app import main
 from kvd.rundir import read_metrics
-from kvd.train import PreemptionFlag
+from kvd.runtime import PreemptionFlag
 from tests.specs import tiny_spec
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")

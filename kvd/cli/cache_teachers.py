@@ -7,12 +7,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from kvd.build import uses_teachers
 from kvd.cli.options import set_option
 from kvd.errors import KvdError
 from kvd.progress import Progress
+from kvd.runtime import setup_runtime
 from kvd.spec import load_spec
 from kvd.teacher_cache import CacheWriter, ensure_empty
-from kvd.train import Trainer, setup_runtime, uses_teachers
+from kvd.train import Trainer
 
 
 def cache_teachers(
