@@ -69,6 +69,11 @@ def train_command(
             f"distilled vs CE-only: {change:+.1f}% bits per byte "
             f"({'better' if change < 0 else 'not better'}); one seed, no significance test"
         )
+        Console(highlight=False).print(
+            "next: `kvd eval RUN_DIR` scores a run (cloze accuracy, speed), `kvd compare A B` "
+            "compares runs, `kvd ab experiments/quickstart_ab.yaml` repeats this over seeds "
+            "with significance tests; see docs/index.md"
+        )
 
 
 def register(app: typer.Typer) -> None:
