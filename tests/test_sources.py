@@ -21,16 +21,10 @@ from kvd.sources.pypi import PypiSource
 from kvd.sources.resolve import resolve_model
 from kvd.sources.tiny import TinySource
 from kvd.tokenize import tokenize
+from tests.specs import STUDENT
 
 CPU = torch.device("cpu")
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+TINY = STUDENT  # the tiny llama of the run specs
 
 
 def tiny_source(**options: object) -> TinySource:
