@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kvd.nll import next_token_nll
 from kvd.tokenize import tokenize
 
 
@@ -85,10 +85,10 @@ def continuation_scores(
         ids = batch.input_ids.to(device)
         mask = batch.attention_mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
-        logp = -F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         starts = torch.tensor([len(c) for c, _ in chunk], device=device)
         ends = batch.offsets[:, 1:, 1].to(device)
         counted = mask[:, 1:] & mask[:, :-1] & (ends > starts[:, None])
+        logp = -next_token_nll(logits, ids, counted)
         totals = (logp * counted).sum(dim=1).tolist()
         scores += [
             t / max(len(x.encode("utf-8")), 1) for t, (_, x) in zip(totals, chunk, strict=True)

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kvd.nll import next_token_nll
 from kvd.tokenize import tokenize
 
 
@@ -70,7 +70,7 @@ def evaluate_lm(
         logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
         target = ids[:, 1:]
         valid = mask[:, 1:] & mask[:, :-1]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none") * valid
+        nll = next_token_nll(logits, ids, valid)
         per_seq += nll.sum(dim=1).tolist()
         total_nll += float(nll.sum())
         total_tokens += int(valid.sum())

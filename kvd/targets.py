@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvd.align.base import LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
 from kvd.capture import capture_kv
 from kvd.models import LoadedModel
+from kvd.nll import next_token_nll
 from kvd.tokenize import tokenize
 from kvd.types import TokenBatch
 
@@ -53,9 +53,8 @@ class TeacherTargets:
 
 def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL per row: logits [B, T, V], ids [B, T], mask [B, T] -> [B]."""
-    valid = (mask[:, 1:] & mask[:, :-1]).float()
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return (nll * valid).sum(1) / valid.sum(1).clamp_min(1)
+    valid = mask[:, 1:] & mask[:, :-1]
+    return next_token_nll(logits, ids, valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
 @torch.no_grad()

@@ -61,9 +61,25 @@ class TokenAlignment:
         """Teacher tensor [B, H, Tt, D] -> student-aligned [B, H, Ts, D] (weighted over K).
 
         One batched matmul with the dense map: far cheaper than gathering K candidates of a
-        wide D (logits over a vocabulary)."""
+        wide D (logits over a vocabulary). A map that only keeps or drops positions (a teacher
+        sharing the student's tokenizer) is applied as a mask instead of a matmul."""
         m = self.matrix(x.shape[2], x.dtype).to(x.device)
+        keep = _identity_rows(m)
+        if keep is not None:
+            return x[:, :, : m.shape[1]] * keep[:, None, :, None]
         return torch.matmul(m[:, None], x)
+
+
+def _identity_rows(m: torch.Tensor) -> torch.Tensor | None:
+    """For a map m [B, Ts, Tt] that is the identity on some rows and zero elsewhere, its
+    diagonal [B, Ts] (1 kept, 0 dropped); otherwise None."""
+    ts, tt = m.shape[1:]
+    if ts > tt:
+        return None
+    diag = m.diagonal(dim1=1, dim2=2)
+    if not ((diag == 0) | (diag == 1)).all() or m[:, :, ts:].any():
+        return None
+    return diag if torch.equal(m[:, :, :ts], torch.diag_embed(diag)) else None
 
 
 @dataclass

@@ -188,6 +188,18 @@ def test_gather_of_identity_returns_the_teacher(offline_tokenizers: dict[str, An
     out = ALIGNERS["soft"].align(b, b).gather(x)
     keep = text_mask(b)[:, None, :, None].expand_as(x)
     assert torch.equal(out[keep], x[keep])
+    assert (out[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("pair", [("piece_bpe", "piece_bpe"), ("byte_bpe", "words")])
+def test_gather_equals_the_dense_map(offline_tokenizers: dict[str, Any], pair: Any) -> None:
+    """The identity shortcut (same tokenizer) and the matmul give what the map says."""
+    s = tokenize(offline_tokenizers[pair[0]], TEXTS)
+    t = tokenize(offline_tokenizers[pair[1]], TEXTS)
+    x = torch.randn(t.input_ids.shape[0], 2, t.input_ids.shape[1], 5)
+    al = ALIGNERS["soft"].align(s, t)
+    dense = torch.einsum("bst,bhtd->bhsd", al.matrix(x.shape[2]), x)
+    torch.testing.assert_close(al.gather(x), dense)
 
 
 ALPHABET = [

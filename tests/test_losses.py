@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from kvd.errors import PlanError
-from kvd.losses import Loss, masked_mean
+from kvd.losses import Loss, masked_mean, rowwise
 from kvd.manager import load_plugins
+from kvd.nll import next_token_nll
 from kvd.types import KVShape
 
 PLUGINS = load_plugins(entry_points=False)
@@ -265,3 +266,72 @@ def test_logit_losses_ignore_masked_positions(name: str) -> None:
     torch.testing.assert_close(value, base)
     value.backward()
     assert s2.grad is not None and torch.isfinite(s2.grad).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 3 * 13])  # one chunk; 3 rows per chunk
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_logit_kd_gradient_matches_autograd_of_the_formula(
+    tau: float, chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row-wise KD forms its gradient in the forward pass; it must equal autograd's."""
+    if chunk:
+        monkeypatch.setitem(rowwise.CHUNK_ELEMENTS, "cpu", chunk)
+    torch.manual_seed(0)
+    mask = some_mask()
+    s = torch.randn(B, T, 13, requires_grad=True)
+    t = torch.randn(B, T, 13)
+    value = build("logit_kd", temperature=tau)(s, t, mask)
+    (2.5 * value).backward()
+    ref_s = s.detach().clone().requires_grad_()
+    kl = F.kl_div(
+        F.log_softmax(ref_s / tau, -1),
+        F.log_softmax(t / tau, -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    (2.5 * kl[mask].mean() * tau**2).backward()
+    torch.testing.assert_close(value, kl[mask].mean() * tau**2)
+    assert s.grad is not None and ref_s.grad is not None
+    torch.testing.assert_close(s.grad, ref_s.grad)
+    bf16 = s.detach().bfloat16().requires_grad_()
+    build("logit_kd")(bf16, t.bfloat16(), mask).backward()
+    assert bf16.grad is not None and bf16.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 11])
+def test_ce_gradient_matches_torch(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk:
+        monkeypatch.setitem(rowwise.CHUNK_ELEMENTS, "cpu", chunk)
+    torch.manual_seed(0)
+    mask = some_mask()
+    s = torch.randn(B, T, 11, requires_grad=True)
+    ids = torch.randint(0, 11, (B, T))
+    value = build("ce")(s, ids, mask)
+    (0.5 * value).backward()
+    ref_s = s.detach().clone().requires_grad_()
+    valid = mask[:, 1:]
+    ref = F.cross_entropy(ref_s[:, :-1][valid], ids[:, 1:][valid])
+    (0.5 * ref).backward()
+    torch.testing.assert_close(value, ref)
+    assert s.grad is not None and ref_s.grad is not None
+    torch.testing.assert_close(s.grad, ref_s.grad)
+    with pytest.raises(RuntimeError, match="differentiated once"):
+        again = build("ce")(s, ids, mask)
+        again.backward(retain_graph=True)
+        again.backward()
+
+
+def test_next_token_nll_matches_cross_entropy_per_position() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(B, T, 9)
+    ids = torch.randint(0, 9, (B, T))
+    valid = some_mask()[:, 1:]
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none") * valid
+    torch.testing.assert_close(next_token_nll(logits, ids, valid), ref)
+    poisoned = logits.clone()
+    poisoned[:, :-1][~valid] = float("nan")
+    poisoned.requires_grad_()
+    value = next_token_nll(poisoned, ids, valid)
+    torch.testing.assert_close(value, ref)
+    value.sum().backward()
+    assert poisoned.grad is not None and torch.isfinite(poisoned.grad).all()

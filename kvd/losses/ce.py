@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvd.losses.base import Loss, LossInputs
+from kvd.losses.rowwise import ce_kernel, rowwise_loss
 
 
 class CELoss(Loss):
@@ -18,8 +19,7 @@ class CELoss(Loss):
     inputs: ClassVar[LossInputs] = "ce"
 
     def forward(self, student_logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
-        valid = mask[:, 1:].bool()
-        if not valid.any():
-            return student_logits.sum() * 0.0
-        # only the valid rows [N, V]: vocabulary-wide work is the cost of this loss
-        return F.cross_entropy(student_logits[:, :-1][valid].float(), input_ids[:, 1:][valid])
+        valid = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # [B, T]: row t predicts t+1
+        labels = F.pad(input_ids[:, 1:], (0, 1))
+        weights = valid / valid.sum().clamp_min(1)
+        return rowwise_loss(ce_kernel, student_logits, labels, weights)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kvd.errors import PlanError
 from kvd.losses.base import Loss, LossInputs, keep, masked_mean
+from kvd.losses.rowwise import kd_kernel, rowwise_loss
 
 
 class TemperatureConfig(Loss.Config):
@@ -45,15 +46,9 @@ class LogitKDLoss(LogitLoss):
                 f"teacher {vt}",
                 hint="use loss 'uld' (Universal Logit Distillation) across vocabularies",
             )
-        tau = self.temperature
         valid = mask.bool()
-        if not valid.any():
-            return student_logits.sum() * 0.0
-        # only the valid rows [N, V]: vocabulary-wide work is the cost of this loss
-        log_s = F.log_softmax(student_logits[valid].float() / tau, dim=-1)
-        log_t = F.log_softmax(teacher_logits[valid].float() / tau, dim=-1)
-        kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / log_s.shape[0]
-        return kl * tau**2
+        weights = valid / valid.sum().clamp_min(1)
+        return rowwise_loss(kd_kernel(self.temperature), student_logits, teacher_logits, weights)
 
 
 class ULDLoss(LogitLoss):
