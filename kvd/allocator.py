@@ -1,9 +1,9 @@
 """Use mimalloc instead of glibc's malloc for CPU runs (measured, see benchmarks/).
 
 With glibc a training step spends much of its time in the kernel returning large tensor buffers
-to the OS and faulting them back; a caching allocator avoids it (quickstart step 3.1 s -> 2.1 s
-on 2 cores). The library ships on PyPI (`cmeel-mimalloc`); the `kvd` command re-executes itself
-once with it preloaded. KVD_ALLOCATOR=system keeps glibc.
+to the OS and faulting them back; a caching allocator that keeps its pages avoids it (quickstart
+step 3.1 s -> 1.7 s on 2 cores). The library ships on PyPI (`cmeel-mimalloc`); the `kvd`
+command re-executes itself once with it preloaded. KVD_ALLOCATOR=system keeps glibc.
 """
 
 from __future__ import annotations
@@ -30,14 +30,27 @@ def mimalloc_library() -> Path | None:
     return None
 
 
-def reexec_with_mimalloc(argv: list[str]) -> None:
-    """Replace this process by `python -m kvd.cli ARGV` with mimalloc preloaded, when it is
-    available, wanted, on Linux and not loaded yet; otherwise return and change nothing."""
-    if os.environ.get(ENV, "mimalloc") == "system" or not sys.platform.startswith("linux"):
-        return
+def preload_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with mimalloc added to LD_PRELOAD when it is available, wanted and on Linux."""
+    if env.get(ENV, "mimalloc") == "system" or not sys.platform.startswith("linux"):
+        return env
     lib = mimalloc_library()
-    preload = os.environ.get("LD_PRELOAD", "")
+    preload = env.get("LD_PRELOAD", "")
     if lib is None or str(lib) in preload.split(":"):
-        return
-    env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else str(lib))
-    os.execve(sys.executable, [sys.executable, "-m", "kvd.cli", *argv], env)
+        return env
+    # mimalloc returns freed pages to the OS after 10 ms by default; a step then faults its
+    # [B, T, vocab] buffers back in every time (steps of 1.7-3.2 s instead of a steady 1.66 s,
+    # quickstart, measured). A training process lives at its peak anyway: keep the pages.
+    return dict(
+        env,
+        LD_PRELOAD=f"{lib}:{preload}" if preload else str(lib),
+        MIMALLOC_PURGE_DELAY=env.get("MIMALLOC_PURGE_DELAY", "-1"),
+    )
+
+
+def reexec_with_mimalloc(argv: list[str], module: str = "kvd.cli") -> None:
+    """Replace this process by `python -m MODULE ARGV` with mimalloc preloaded, when
+    `preload_env` adds it; otherwise return and change nothing."""
+    env = preload_env(dict(os.environ))
+    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
