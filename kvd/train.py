@@ -201,6 +201,7 @@ class Trainer:
         self.tokens = 0
         self.nonfinite = 0
         self.best: tuple[float, Path] | None = None
+        self.validated: tuple[int, LMMetrics] | None = None  # the latest (step, metrics)
 
     # -- one optimizer step ------------------------------------------------------------------
 
@@ -357,16 +358,21 @@ class Trainer:
                     targets,
                     task,
                 )
+                # backward needs no teacher tensor the graph does not hold itself (the logit
+                # losses formed their gradients in forward): free aligned logits first
+                del targets
                 (out.total / tr.grad_accum).backward()
             tokens += int(s_batch.attention_mask.sum())
             for key, value in out.parts.items():
                 parts[key] = parts.get(key, 0.0) + value / tr.grad_accum
             routing = out.routing
-        if self.rt.world > 1:  # log the mean over ranks, not rank 0's share
+        if self.rt.world > 1:  # log the mean over ranks and all ranks' tokens
             names = sorted(parts)
-            summed = torch.tensor([parts[n] for n in names], device=self.rt.device)
+            summed = torch.tensor([*(parts[n] for n in names), tokens], device=self.rt.device)
             dist.all_reduce(summed)
-            parts = dict(zip(names, (summed / self.rt.world).tolist(), strict=True))
+            *means, total = summed.tolist()
+            parts = {n: m / self.rt.world for n, m in zip(names, means, strict=True)}
+            tokens = int(total)
         grad_norm = self._clip()
         finite = math.isfinite(parts["loss/total"]) and math.isfinite(grad_norm)
         finite = self._all_ranks(finite)
@@ -376,14 +382,14 @@ class Trainer:
         else:
             self.nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens += tokens * self.rt.world
+        self.tokens += tokens
         elapsed = time.perf_counter() - started
         record: dict[str, Any] = {
             "step": self.step + 1,
             "tokens": self.tokens,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
-            "tokens_per_s": tokens * self.rt.world / max(elapsed, 1e-9),
+            "tokens_per_s": tokens / max(elapsed, 1e-9),
             "step_s": elapsed,
             "skipped": not finite,
             **parts,
@@ -555,7 +561,9 @@ class Trainer:
         with PreemptionFlag() as preempt:
             self._loop(log, progress, preempt)
         progress.stop()
-        final = self.validate()
+        # the loop validates at max_steps; a run stopped early (max_tokens) has not yet
+        final = self.validated[1] if self.validated and self.validated[0] == self.step else None
+        final = final or self.validate()
         self.save_outputs(final)
         return TrainResult(self.run_dir, self.step, final)
 
@@ -573,6 +581,7 @@ class Trainer:
             val = None
             if self.step % ev.every == 0 or self.step == max_steps:
                 metrics = self.validate()
+                self.validated = (self.step, metrics)
                 val = metrics.bits_per_byte
                 record.update(
                     {

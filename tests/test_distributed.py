@@ -66,5 +66,9 @@ def test_two_process_run_matches_single_process(tmp_path: Path) -> None:
     assert len(one) == len(two) == 4
     for a, b in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=TOLERANCE)
+    # the same texts per step in total: token counts are summed over ranks, exactly
+    tokens = [[r["tokens"] for r in read_metrics(d / "metrics.jsonl") if "loss/total" in r]
+              for d in (tmp_path / "one", tmp_path / "two")]  # fmt: skip
+    assert tokens[0] == tokens[1]
     last = sorted((tmp_path / "two" / "checkpoints").glob("step-*"))[-1]
     assert yaml.safe_load((last / "state.json").read_text())["world"] == 2

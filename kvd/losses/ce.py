@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvd.losses.base import Loss, LossInputs
-from kvd.losses.rowwise import ce_kernel, rowwise_loss
+from kvd.losses.rowwise import CrossEntropyRows, rowwise_mean
 
 
 class CELoss(Loss):
@@ -21,5 +21,4 @@ class CELoss(Loss):
     def forward(self, student_logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
         valid = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # [B, T]: row t predicts t+1
         labels = F.pad(input_ids[:, 1:], (0, 1))
-        weights = valid / valid.sum().clamp_min(1)
-        return rowwise_loss(ce_kernel, student_logits, labels, weights)
+        return rowwise_mean(CrossEntropyRows(), student_logits, labels, valid)

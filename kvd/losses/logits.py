@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kvd.errors import PlanError
 from kvd.losses.base import Loss, LossInputs, keep, masked_mean
-from kvd.losses.rowwise import kd_kernel, rowwise_loss
+from kvd.losses.rowwise import SoftKLRows, rowwise_mean
 
 
 class TemperatureConfig(Loss.Config):
@@ -46,9 +46,9 @@ class LogitKDLoss(LogitLoss):
                 f"teacher {vt}",
                 hint="use loss 'uld' (Universal Logit Distillation) across vocabularies",
             )
-        valid = mask.bool()
-        weights = valid / valid.sum().clamp_min(1)
-        return rowwise_loss(kd_kernel(self.temperature), student_logits, teacher_logits, weights)
+        return rowwise_mean(
+            SoftKLRows(self.temperature), student_logits, teacher_logits, mask.bool()
+        )
 
 
 class ULDLoss(LogitLoss):

@@ -8,57 +8,77 @@ and its gradient d loss / d logits (softmax minus target, in closed form) and wr
 gradient into one preallocated buffer; backward only scales that buffer. One [B, T, V] buffer
 instead of four to six, and no full-size temporaries (quickstart: benchmarks/RESULTS.md).
 
-Invalid rows (weight 0) are zeroed inside their chunk before the softmax, so whatever they hold
-(even NaN) reaches neither the value nor the gradient.
+Invalid rows are zeroed inside their chunk before the softmax, so whatever they hold (even NaN)
+reaches neither the value nor the gradient. Measured on [8, 128, 49152] float32 (2 CPU cores):
+CE forward + backward 0.042 s (torch's cross_entropy on the same view: 0.031 s; the boolean-
+indexed version this replaced: 0.17 s); logit KD 0.098 s (autograd over log_softmax: 0.11 s).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-Kernel = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-"""(logits rows [c, V] float32, target rows [c, ...], weights [c]) -> (weighted loss sum [],
-its gradient with respect to the logits rows [c, V] float32)."""
 
-CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**27}
-"""Elements per chunk: 16 MiB of float32 on CPU (cache-sized), 512 MiB on CUDA (few launches)."""
+class RowKernel(Protocol):
+    """A loss of one row of logits against its target. `grad_scale` is a constant the written
+    gradient is to be multiplied by (applied once, in backward, with the mean's 1 / n)."""
+
+    grad_scale: float
+
+    def __call__(self, x: Tensor, target: Tensor, out: Tensor, /) -> Tensor:
+        """x [c, V] float32 rows (read-only), target rows [c, ...], out [c, V] float32 ->
+        the loss of each row [c]; d loss_row / d x divided by `grad_scale` is written to out."""
+        ...
 
 
-def rowwise_loss(kernel: Kernel, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """sum over rows r of weights[r] * loss(logits[r], targets[r]) as a differentiable scalar.
+CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
+"""Elements per chunk: 8 MiB of float32 on CPU (a chunk and its temporaries stay near the
+last-level cache; 2**21 was fastest of 2**18..2**22 measured), 512 MiB on CUDA (few launches)."""
+
+
+def rowwise_mean(kernel: RowKernel, logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Mean of kernel's row loss over the valid rows, as a differentiable scalar (0 if none).
 
     logits [..., V] (any float dtype; the gradient comes back in it), targets [..., *] (rows
-    matching logits' leading dims), weights [...] float (0 = ignore the row)."""
-    return _Rowwise.apply(logits, targets, weights, kernel)
+    matching logits' leading dims), valid [...] bool."""
+    return _Rowwise.apply(logits, targets, valid, kernel)
 
 
 class _Rowwise(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, logits: Tensor, targets: Tensor, weights: Tensor, kernel: Kernel
+        ctx: Any, logits: Tensor, targets: Tensor, valid: Tensor, kernel: RowKernel
     ) -> Tensor:
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)
-        flat_t = targets.reshape(flat.shape[0], *targets.shape[weights.dim() :])
-        flat_w = weights.reshape(-1).float()
+        flat_t = targets.reshape(flat.shape[0], *targets.shape[valid.dim() :])
+        flat_v = valid.reshape(-1)
         grad = torch.empty_like(flat)
+        direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
         total = flat.new_zeros((), dtype=torch.float32)
         step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
         for first in range(0, flat.shape[0], step):
             rows = slice(first, first + step)
-            w = flat_w[rows]
-            x = flat[rows].float().masked_fill((w == 0)[:, None], 0.0)
-            value, g = kernel(x, flat_t[rows], w)
-            total += value
-            grad[rows] = g
+            keep = flat_v[rows]
+            ignored = (~keep).nonzero().squeeze(1)
+            x, t = flat[rows].float(), flat_t[rows]
+            if len(ignored):  # whatever ignored rows hold (NaN) must not reach the softmax
+                x = x.index_fill(0, ignored, 0.0)
+                t = t.index_fill(0, ignored, 0) if t.is_floating_point() else t
+            out = grad[rows] if direct else torch.empty_like(x)
+            total += torch.where(keep, kernel(x, t, out), 0.0).sum()
+            if len(ignored):
+                out.index_fill_(0, ignored, 0.0)
+            if not direct:
+                grad[rows] = out
+        n = flat_v.sum().clamp_min(1)
         ctx.grad = grad
+        ctx.scale = kernel.grad_scale / n
         ctx.shape = logits.shape
-        return total
+        return total / n
 
     @staticmethod
     def backward(ctx: Any, out: Tensor) -> tuple[Tensor, None, None, None]:
@@ -66,30 +86,49 @@ class _Rowwise(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("a row-wise loss can be differentiated once (no retain_graph)")
         ctx.grad = None  # scaled in place: the buffer is handed to autograd, not copied
-        return grad.mul_(out.to(grad.dtype)).view(ctx.shape), None, None, None
+        return grad.mul_((out * ctx.scale).to(grad.dtype)).view(ctx.shape), None, None, None
 
 
-def ce_kernel(x: Tensor, labels: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of rows x [c, V] against labels [c] long (any id where w == 0)."""
-    log_p = F.log_softmax(x, dim=-1)
-    labels = labels.where(w > 0, 0)[:, None]
-    value = -(log_p.gather(1, labels).squeeze(1) * w).sum()
-    grad = log_p.exp_()
-    grad.scatter_add_(1, labels, torch.full_like(labels, -1, dtype=grad.dtype))
-    return value, grad.mul_(w[:, None])
+def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
+    """softmax(x) of rows x [c, V] into `out`, returning logsumexp(x) [c] without another pass
+    of exp: at the row maximum m, softmax = exp(m - lse), so lse = m - log(softmax[argmax])
+    (>= 1 / V there, so the log is safe)."""
+    top = x.max(dim=-1, keepdim=True)
+    torch.softmax(x, dim=-1, out=out)
+    return (top.values - out.gather(1, top.indices).log()).squeeze(1)
 
 
-def kd_kernel(tau: float) -> Kernel:
-    """tau^2 * KL(softmax(t / tau) || softmax(x / tau)) of rows x [c, V] against teacher rows
-    t [c, V]; its gradient tau * (softmax(x / tau) - softmax(t / tau))."""
+class CrossEntropyRows:
+    """Cross-entropy of each row against a label [c] long (any id on invalid rows):
+    logsumexp(x) - x[label]; gradient softmax(x) - onehot(label)."""
 
-    def kernel(x: Tensor, t: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-        t = t.float().masked_fill((w == 0)[:, None], 0.0)
-        log_s = F.log_softmax(x / tau, dim=-1)
-        log_t = F.log_softmax(t / tau, dim=-1)
-        p_t = log_t.exp()
-        value = ((log_t - log_s).mul_(p_t).sum(-1) * w).sum() * tau**2
-        grad = log_s.exp_().sub_(p_t).mul_(w[:, None] * tau)
-        return value, grad
+    grad_scale = 1.0
 
-    return kernel
+    def __call__(self, x: Tensor, labels: Tensor, out: Tensor) -> Tensor:
+        labels = labels.clamp(0, x.shape[-1] - 1)[:, None]
+        nll = softmax_lse(x, out) - x.gather(1, labels).squeeze(1)
+        out.scatter_add_(1, labels, torch.full_like(labels, -1, dtype=out.dtype))
+        return nll
+
+
+class SoftKLRows:
+    """tau^2 * KL(softmax(t / tau) || softmax(x / tau)) of each row against teacher logits t
+    [c, V]; gradient tau * (softmax(x / tau) - softmax(t / tau)) (the tau in grad_scale).
+
+    With p = softmax(t'), q = softmax(x') of the scaled rows, KL = sum p (t' - x') - lse(t') +
+    lse(x'): two softmaxes and a dot product, no log-softmax and no exp pass of its own."""
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self.grad_scale = tau
+
+    def __call__(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        tau = self.tau
+        x = x / tau if tau != 1.0 else x
+        t = t.float() / tau if tau != 1.0 else t.float()
+        p_t = torch.empty_like(t)
+        lse_t = softmax_lse(t, p_t)
+        lse_s = softmax_lse(x, out)
+        kl = torch.linalg.vecdot(p_t, t) - torch.linalg.vecdot(p_t, x) - lse_t + lse_s
+        out.sub_(p_t)
+        return kl * tau**2

@@ -1,0 +1,368 @@
+"""What every benchmark shares: the kvd step and its bare baseline on the same models and batches,
+interleaved timing, peak memory in a fresh process, and the RESULTS.md writer.
+
+The bare baseline is what the work costs without kvd: each teacher's plain transformers forward
+on batches tokenised beforehand (no_grad, full logits only for teachers whose logits kvd reads),
+and the student's plain forward with labels, backward and AdamW update. Tokenisation, alignment,
+projection, fusion, the distillation losses and the step record are kvd's overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvd.data.packing import BatchStream
+from kvd.runtime import setup_runtime
+from kvd.spec import parse_spec
+from kvd.tokenize import tokenize
+from kvd.train import Trainer
+from kvd.types import TokenBatch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+# -- the two steps ------------------------------------------------------------------------------
+
+
+def build_trainer(spec_data: dict[str, Any], device: str = "cpu") -> Trainer:
+    """A Trainer for `spec_data` whose run dir is never created (nothing is written)."""
+    spec = parse_spec(spec_data, base_dir=ROOT)
+    run_dir = Path(tempfile.gettempdir()) / "kvd-bench-unused"
+    return Trainer(spec, run_dir, setup_runtime(device), ROOT, use_cache=True)
+
+
+def kvd_step(trainer: Trainer) -> dict[str, Any]:
+    """One optimizer step exactly as `kvd train` runs it, with its step record serialised."""
+    trainer.model.set_step(trainer.step)
+    record = trainer.train_step()
+    trainer.step += 1
+    json.dumps(record)  # the metrics line the loop writes
+    return record
+
+
+@dataclass
+class BareBatch:
+    """One micro-batch tokenised for every model: per teacher (ids, mask, logits_to_keep)."""
+
+    teachers: list[tuple[torch.Tensor, torch.Tensor, int]]
+    student: TokenBatch
+
+
+class Bare:
+    """The baseline: the trainer's teachers and a copy of its student, driven by plain
+    transformers calls on the batches the trainer sees, in the same order."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        readers = trainer.logit_readers()
+        wants_all = trainer.model.fusion.needs_teacher_ce
+        self.teachers = [
+            (t.loaded, t.add_bos, 0 if (t.id in readers or wants_all) else 1)
+            for t in trainer.teachers
+            if t.loaded is not None
+        ]
+        self.student = copy.deepcopy(trainer.student.model)
+        self.student.train()
+        tr = trainer.spec.training
+        self.optimizer = torch.optim.AdamW(
+            self.student.parameters(), lr=tr.lr, weight_decay=tr.weight_decay
+        )
+        self.stream = BatchStream(trainer.data.train, tr.batch_size, seed=trainer.spec.seed)
+        self.device = trainer.rt.device
+        self.bf16 = tr.precision == "bf16"
+
+    def next_batches(self) -> list[BareBatch]:
+        """The micro-batches of the next step, tokenised (outside the timed region)."""
+        out = []
+        seq_len = self.trainer.spec.data.seq_len
+        s_bos = self.trainer.student.geometry.adds_bos
+        for _ in range(self.trainer.spec.training.grad_accum):
+            texts = next(self.stream).texts
+            teachers = []
+            for loaded, bos, keep in self.teachers:
+                b = tokenize(loaded.tokenizer, texts, max_length=None, add_bos=bos)
+                teachers.append(
+                    (b.input_ids.to(self.device), b.attention_mask.to(self.device), keep)
+                )
+            s = tokenize(self.trainer.student.tokenizer, texts, max_length=seq_len, add_bos=s_bos)
+            out.append(BareBatch(teachers, s))
+        return out
+
+    # boolean attention masks: with int masks transformers builds the 4D mask more slowly
+    # (0.50 s vs 0.42 s per SmolLM2 forward, measured); the baseline takes the faster call
+    @torch.no_grad()
+    def teacher_forwards(self, batch: BareBatch) -> None:
+        for (loaded, _, _), (ids, mask, keep) in zip(self.teachers, batch.teachers, strict=True):
+            loaded.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+
+    def student_forward_backward(self, batch: BareBatch) -> None:
+        ids = batch.student.input_ids.to(self.device)
+        mask = batch.student.attention_mask.to(self.device).bool()
+        labels = ids.masked_fill(~mask.bool(), -100)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.student(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / self.trainer.spec.training.grad_accum).backward()
+
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, batches: list[BareBatch]) -> dict[str, float]:
+        """One bare step on pre-tokenised batches; seconds of the teacher and student parts."""
+        t0 = time.perf_counter()
+        for b in batches:
+            self.teacher_forwards(b)
+        sync(self.device)
+        t1 = time.perf_counter()
+        for b in batches:
+            self.student_forward_backward(b)
+        self.update()
+        sync(self.device)
+        t2 = time.perf_counter()
+        return {"teachers_s": t1 - t0, "student_s": t2 - t1, "step_s": t2 - t0}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Overhead:
+    """Medians over repeats of the interleaved kvd and bare steps (seconds)."""
+
+    kvd_s: float
+    bare_s: float
+    teachers_s: float
+    student_s: float
+    tokens: int  # student tokens per step
+
+    @property
+    def ratio(self) -> float:
+        return self.kvd_s / self.bare_s
+
+
+BLOCK = 3
+"""Steps per block: kvd and bare steps run in alternating blocks on the same batch sequence."""
+
+
+def step_overhead(trainer: Trainer, repeats: int, warmup: int = 1) -> Overhead:
+    """kvd and bare steps in alternating blocks of BLOCK steps on the same batches (the k-th
+    kvd step and the k-th bare step see batch k); medians of `repeats` steps per side.
+
+    The first step of every block is not counted: right after a switch the other side's
+    buffers are still in the allocator and caches, which neither side meets in a real run
+    (measured: +0.1-0.4 s on the first quickstart kvd step after bare steps). `warmup` whole
+    rounds go first, uncounted; blocks take turns at going first, so drift hits both sides."""
+    bare = Bare(trainer)
+    kvd_rows: list[float] = []
+    bare_rows: list[dict[str, float]] = []
+    counted = BLOCK - 1
+    rounds = warmup + -(-repeats // counted)
+    for r in range(rounds):
+        for side in ("kvd", "bare") if r % 2 == 0 else ("bare", "kvd"):
+            for i in range(BLOCK):
+                if side == "kvd":
+                    t = timed(lambda: kvd_step(trainer), trainer.rt.device)
+                    if r >= warmup and i:
+                        kvd_rows.append(t)
+                else:
+                    batches = bare.next_batches()
+                    row = bare.step(batches)
+                    row["tokens"] = sum(int(b.student.attention_mask.sum()) for b in batches)
+                    if r >= warmup and i:
+                        bare_rows.append(row)
+    med = {k: statistics.median(r[k] for r in bare_rows) for k in bare_rows[0]}
+    return Overhead(
+        statistics.median(kvd_rows),
+        med["step_s"],
+        med["teachers_s"],
+        med["student_s"],
+        int(med["tokens"]),
+    )
+
+
+# -- peak memory in a fresh process --------------------------------------------------------------
+
+
+def reset_peak(device: torch.device) -> None:
+    """Forget the peak so far (after loading), so the next read is the steps' peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM
+            f.write("5")
+
+
+def read_peak_mb(device: torch.device) -> float:
+    """Peak since `reset_peak`: CUDA allocated bytes, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_memory_worker(setup: str, mode: str, steps: int, device: str) -> dict[str, float]:
+    """In this process: build `setup`, reset the peak, run `steps` steps of `mode`."""
+    from benchmarks.setups import SETUPS
+
+    trainer = build_trainer(SETUPS[setup](), device)
+    bare = Bare(trainer) if mode == "bare" else None
+    dev = trainer.rt.device
+    batches = [bare.next_batches() for _ in range(steps)] if bare else []
+    reset_peak(dev)
+    for i in range(steps):
+        if bare is not None:
+            bare.step(batches[i])
+        else:
+            kvd_step(trainer)
+    return {"peak_mb": read_peak_mb(dev)}
+
+
+def peak_memory(setup: str, mode: str, steps: int, device: str) -> float:
+    """Peak memory (MiB) of `steps` steps of `mode` ("kvd" or "bare") in a fresh process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.harness",
+        "peak",
+        setup,
+        mode,
+        str(steps),
+        device,
+    ]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env=bench_env(), capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def bench_env() -> dict[str, str]:
+    """This process's environment for a child, with mimalloc preloaded as `kvd` runs."""
+    from kvd.allocator import preload_env
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return preload_env(env)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    """Where and with what the numbers were measured."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    preload = os.environ.get("LD_PRELOAD", "")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "device": device,
+        "allocator": "mimalloc" if "mimalloc" in preload else "system",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+    }
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats with 3 significant digits."""
+
+    def cell(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+HEADER = """# kvd benchmark results
+
+Written by the scripts in `benchmarks/` (`python -m benchmarks.NAME`, see benchmarks/README.md);
+each script replaces its own section. Times are medians over repeats; ratios are taken against a
+baseline measured in the same process, on the same models and batches.
+"""
+
+
+def write_section(path: Path, key: str, title: str, body: str) -> None:
+    """Replace (or append) the section `key` of the results file with `body` under a header
+    naming the machine, versions and date."""
+    info = machine()
+    meta = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    section = f"{start}\n## {title}\n\n{meta}\n\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def arguments(description: str) -> argparse.Namespace:
+    """The options every benchmark script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny models, 2 repeats: a CI-sized run")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results file to update")
+    args = p.parse_args()
+    if args.repeats is None:
+        args.repeats = 2 if args.smoke else 8
+    return args
+
+
+def with_kvd_allocator(module: str) -> None:
+    """Re-execute `python -m MODULE` with mimalloc preloaded, as the `kvd` command does."""
+    from kvd.allocator import reexec_with_mimalloc
+
+    reexec_with_mimalloc(sys.argv[1:], module=module)
+
+
+def main() -> None:
+    """`python -m benchmarks.harness peak SETUP MODE STEPS DEVICE` (used by peak_memory)."""
+    _, setup, mode, steps, device = sys.argv[1:]
+    print(json.dumps(peak_memory_worker(setup, mode, int(steps), device)))
+
+
+if __name__ == "__main__":
+    main()

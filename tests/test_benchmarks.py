@@ -1,0 +1,80 @@
+"""Every benchmark script runs end to end at CI size and writes its section of the results."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_smoke(script: str, results: Path) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", "--smoke", "--results", str(results)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return results.read_text()
+
+
+def section(text: str, key: str) -> str:
+    match = re.search(f"<!-- bench:{key} -->(.*)<!-- /bench:{key} -->", text, re.S)
+    assert match, f"no {key} section in:\n{text}"
+    return match.group(1)
+
+
+def rows(body: str) -> list[list[str]]:
+    lines = [ln for ln in body.splitlines() if ln.startswith("| ")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:]]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace("*", "").split()[0].rstrip("%"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "key", "ratio_columns"),
+    [
+        ("step_overhead", "step_overhead", [6, 9]),
+        ("teacher_cache", "teacher_cache", [3, 7]),
+        ("flops", "flops", [5]),
+        ("scaling", "scaling", [8]),
+    ],
+)
+def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# kept\n\n<!-- bench:other -->\nuntouched\n<!-- /bench:other -->\n")
+    body = section(run_smoke(script, results), key)
+    assert "torch" in body and "date:" in body  # the machine and versions head each section
+    table = rows(body)
+    assert table, body
+    for row in table:
+        for col in ratio_columns:
+            assert number(row[col]) > 0, row
+    text = results.read_text()
+    assert "untouched" in text and text.startswith("# kept")  # other sections are kept
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    from benchmarks.harness import write_section
+
+    path = tmp_path / "RESULTS.md"
+    write_section(path, "a", "A", "first")
+    write_section(path, "b", "B", "other")
+    write_section(path, "a", "A", "second")
+    text = path.read_text()
+    assert text.startswith("# kvd benchmark results")
+    assert text.count("<!-- bench:a -->") == 1 and "second" in text and "first" not in text
+    assert "other" in text and text.index("bench:a") < text.index("bench:b")
