@@ -18,6 +18,7 @@ from kvd.capture import capture_kv
 from kvd.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, fuse, fused_mask
 from kvd.losses.base import Loss
+from kvd.losses.rowwise import RowTerm, rowwise_group
 from kvd.project.base import KVProjector, Projector
 from kvd.targets import TeacherTargets
 from kvd.types import KVShape
@@ -173,7 +174,10 @@ class DistillModel(nn.Module):
         s_values = dict(zip(kv.layers, kv.values, strict=True))
         out = StepOutput(total=cap.logits.new_zeros(()))
         mask = attention_mask.bool()
+        grouped = self._rowwise_terms(cap.logits, input_ids, mask, targets, out)
         for term in self.loss_terms:
+            if any(term is g for g in grouped):
+                continue
             if term.module.inputs == "ce":
                 value = term.module(cap.logits, input_ids, mask)
             elif term.module.inputs == "kv" and self.direction == "teacher_to_student":
@@ -184,6 +188,52 @@ class DistillModel(nn.Module):
             out.total = out.total + term.weight * value
         out.parts["loss/total"] = float(out.total.detach())
         return out
+
+    def _rowwise_terms(
+        self,
+        logits: Tensor,
+        input_ids: Tensor,
+        mask: Tensor,
+        targets: dict[str, TeacherTargets],
+        out: StepOutput,
+    ) -> list[LossTerm]:
+        """The terms on the student logits that are row-wise kernels (CE, logit KD), run as one
+        group: one pass over the logits, one gradient buffer (kvd.losses.rowwise). Adds their
+        weighted sum to out.total and their parts; returns the terms it handled."""
+        rows: list[tuple[LossTerm, str | None, float, RowTerm]] = []
+        handled: list[LossTerm] = []
+        for term in self.loss_terms:
+            if term.module.inputs == "ce":
+                row = term.module.row_term(logits, input_ids, mask)
+                if row is not None:
+                    rows.append((term, None, 1.0, row))
+                    handled.append(term)
+            elif term.module.inputs == "logits":
+                active = [t for t in term.teachers if t in targets]
+                found = []
+                for tid, w in self._weights(active).items():
+                    t_logits = targets[tid].logits
+                    if t_logits is not None:
+                        found.append(
+                            (tid, w, term.module.row_term(logits, t_logits, targets[tid].mask))
+                        )
+                if found and all(row is not None for *_, row in found):
+                    rows += [(term, tid, w, row) for tid, w, row in found if row is not None]
+                    handled.append(term)
+        if not rows:
+            return handled
+        for term, _, w, row in rows:
+            row.weight = term.weight * w
+        total, means = rowwise_group(logits, [row for *_, row in rows])
+        out.total = out.total + total
+        values: dict[str, float] = {}
+        for (term, teacher, w, _), mean in zip(rows, means, strict=True):
+            if teacher is not None:
+                out.parts[f"loss/{term.name}/{teacher}"] = float(mean)
+            values[term.name] = values.get(term.name, 0.0) + w * float(mean)
+        for name, value in values.items():
+            out.parts[f"loss/{name}"] = value
+        return handled
 
     # -- per-teacher terms ---------------------------------------------------------------------
 

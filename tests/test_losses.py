@@ -335,3 +335,52 @@ def test_next_token_nll_matches_cross_entropy_per_position() -> None:
     torch.testing.assert_close(value, ref)
     value.sum().backward()
     assert poisoned.grad is not None and torch.isfinite(poisoned.grad).all()
+
+
+@pytest.mark.parametrize("chunk", [None, 3 * 13])
+def test_rowwise_group_equals_the_weighted_sum_of_its_losses(
+    chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CE and two logit KD terms in one pass with one gradient buffer: the same total, means
+    and gradient as each loss through autograd."""
+    if chunk:
+        monkeypatch.setitem(rowwise.CHUNK_ELEMENTS, "cpu", chunk)
+    torch.manual_seed(0)
+    mask = some_mask()
+    s = torch.randn(B, T, 13, requires_grad=True)
+    ids = torch.randint(0, 13, (B, T))
+    t1, t2 = torch.randn(B, T, 13), torch.randn(B, T, 13).bfloat16()
+    t2_mask = mask.clone()
+    t2_mask[0, 0] = False
+    ce, kd1, kd2 = build("ce"), build("logit_kd"), build("logit_kd", temperature=2.0)
+    terms = [ce.row_term(s, ids, mask), kd1.row_term(s, t1, mask), kd2.row_term(s, t2, t2_mask)]
+    for term, w in zip(terms, [0.5, 0.3, 0.2], strict=True):
+        term.weight = w
+    total, means = rowwise.rowwise_group(s, terms)
+    (3.0 * total).backward()
+    ref_s = s.detach().clone().requires_grad_()
+    parts = [ce(ref_s, ids, mask), kd1(ref_s, t1, mask), kd2(ref_s, t2, t2_mask)]
+    separate = [
+        F.cross_entropy(ref_s[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]]),
+        (
+            F.kl_div(
+                F.log_softmax(ref_s, -1), F.log_softmax(t1, -1), log_target=True, reduction="none"
+            ).sum(-1)
+        )[mask].mean(),
+        (
+            F.kl_div(
+                F.log_softmax(ref_s / 2, -1),
+                F.log_softmax(t2.float() / 2, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+        )[t2_mask].mean()
+        * 4,
+    ]
+    for mean, part, ref in zip(means, parts, separate, strict=True):
+        torch.testing.assert_close(mean, ref)
+        torch.testing.assert_close(part.detach(), ref.detach())
+    (3.0 * (0.5 * separate[0] + 0.3 * separate[1] + 0.2 * separate[2])).backward()
+    torch.testing.assert_close(total.detach(), 0.5 * means[0] + 0.3 * means[1] + 0.2 * means[2])
+    assert s.grad is not None and ref_s.grad is not None
+    torch.testing.assert_close(s.grad, ref_s.grad)

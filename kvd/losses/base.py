@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from torch import Tensor, nn
 
 from kvd.component import ComponentConfig
+from kvd.losses.rowwise import RowTerm
 
 LossInputs = Literal["kv", "kv_raw", "logits", "ce"]
 """What the trainer passes to a loss's forward:
@@ -45,3 +46,11 @@ class Loss(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
+
+    def row_term(self, student_logits: Tensor, other: Tensor, mask: Tensor) -> RowTerm | None:
+        """This loss as a row-wise kernel over the student logits [B, T, V] (CE, logit KD),
+        `other` and `mask` as `forward` takes them, so that the trainer runs all such losses
+        of a step in one pass with one gradient buffer (kvd.losses.rowwise); None (the
+        default) when it is not one. `forward` must give the same value."""
+        del student_logits, other, mask
+        return None

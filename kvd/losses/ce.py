@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvd.losses.base import Loss, LossInputs
-from kvd.losses.rowwise import CrossEntropyRows, rowwise_mean
+from kvd.losses.rowwise import CrossEntropyRows, RowTerm, rowwise_group
 
 
 class CELoss(Loss):
@@ -19,6 +19,8 @@ class CELoss(Loss):
     inputs: ClassVar[LossInputs] = "ce"
 
     def forward(self, student_logits: Tensor, input_ids: Tensor, mask: Tensor) -> Tensor:
+        return rowwise_group(student_logits, [self.row_term(student_logits, input_ids, mask)])[0]
+
+    def row_term(self, student_logits: Tensor, input_ids: Tensor, mask: Tensor) -> RowTerm:
         valid = F.pad(mask[:, 1:].bool(), (0, 1), value=False)  # [B, T]: row t predicts t+1
-        labels = F.pad(input_ids[:, 1:], (0, 1))
-        return rowwise_mean(CrossEntropyRows(), student_logits, labels, valid)
+        return RowTerm(CrossEntropyRows(), F.pad(input_ids[:, 1:], (0, 1)), valid)

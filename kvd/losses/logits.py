@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kvd.errors import PlanError
 from kvd.losses.base import Loss, LossInputs, keep, masked_mean
-from kvd.losses.rowwise import SoftKLRows, rowwise_mean
+from kvd.losses.rowwise import RowTerm, SoftKLRows, rowwise_group
 
 
 class TemperatureConfig(Loss.Config):
@@ -39,6 +39,10 @@ class LogitKDLoss(LogitLoss):
     requires the same vocabulary size."""
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+        term = self.row_term(student_logits, teacher_logits, mask)
+        return rowwise_group(student_logits, [term])[0]
+
+    def row_term(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> RowTerm:
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
         if vs != vt:
             raise PlanError(
@@ -46,9 +50,7 @@ class LogitKDLoss(LogitLoss):
                 f"teacher {vt}",
                 hint="use loss 'uld' (Universal Logit Distillation) across vocabularies",
             )
-        return rowwise_mean(
-            SoftKLRows(self.temperature), student_logits, teacher_logits, mask.bool()
-        )
+        return RowTerm(SoftKLRows(self.temperature), teacher_logits.detach(), mask.bool())
 
 
 class ULDLoss(LogitLoss):

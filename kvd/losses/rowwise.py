@@ -16,6 +16,7 @@ indexed version this replaced: 0.17 s); logit KD 0.098 s (autograd over log_soft
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -39,54 +40,81 @@ CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
 last-level cache; 2**21 was fastest of 2**18..2**22 measured), 512 MiB on CUDA (few launches)."""
 
 
-def rowwise_mean(kernel: RowKernel, logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """Mean of kernel's row loss over the valid rows, as a differentiable scalar (0 if none).
+@dataclass
+class RowTerm:
+    """One row-wise loss on a logits tensor: its kernel, targets [..., *] (rows matching the
+    logits' leading dims), valid [...] bool rows, and its weight in a group's total."""
 
-    logits [..., V] (any float dtype; the gradient comes back in it), targets [..., *] (rows
-    matching logits' leading dims), valid [...] bool."""
-    return _Rowwise.apply(logits, targets, valid, kernel)
+    kernel: RowKernel
+    targets: Tensor
+    valid: Tensor
+    weight: float = 1.0
+
+
+def rowwise_group(logits: Tensor, terms: list[RowTerm]) -> tuple[Tensor, list[Tensor]]:
+    """sum_k weight_k * mean_k for several row-wise losses on the same logits [..., V], as one
+    differentiable scalar, and each mean_k (detached).
+
+    One pass over the rows and one gradient buffer for the whole group: the weighted gradients
+    are summed chunk by chunk in forward, where autograd would keep a buffer per loss and add
+    them in backward."""
+    total, *means = _Rowwise.apply(logits, terms)
+    return total, means
 
 
 class _Rowwise(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, logits: Tensor, targets: Tensor, valid: Tensor, kernel: RowKernel
-    ) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, terms: list[RowTerm]) -> tuple[Tensor, ...]:
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)
-        flat_t = targets.reshape(flat.shape[0], *targets.shape[valid.dim() :])
-        flat_v = valid.reshape(-1)
+        rows_of = [
+            (
+                term.targets.reshape(flat.shape[0], *term.targets.shape[term.valid.dim() :]),
+                term.valid.reshape(-1),
+            )
+            for term in terms
+        ]
+        counts = [valid.sum().clamp_min(1) for _, valid in rows_of]
+        scales = [t.weight * t.kernel.grad_scale / n for t, n in zip(terms, counts, strict=True)]
         grad = torch.empty_like(flat)
         direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
-        total = flat.new_zeros((), dtype=torch.float32)
+        sums = [flat.new_zeros((), dtype=torch.float32) for _ in terms]
         step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
         for first in range(0, flat.shape[0], step):
             rows = slice(first, first + step)
-            keep = flat_v[rows]
-            ignored = (~keep).nonzero().squeeze(1)
-            x, t = flat[rows].float(), flat_t[rows]
-            if len(ignored):  # whatever ignored rows hold (NaN) must not reach the softmax
-                x = x.index_fill(0, ignored, 0.0)
-                t = t.index_fill(0, ignored, 0) if t.is_floating_point() else t
-            out = grad[rows] if direct else torch.empty_like(x)
-            total += torch.where(keep, kernel(x, t, out), 0.0).sum()
-            if len(ignored):
-                out.index_fill_(0, ignored, 0.0)
+            chunk = flat[rows].float()
+            acc = grad[rows] if direct else torch.empty_like(chunk)
+            for k, (term, (targets, valid)) in enumerate(zip(terms, rows_of, strict=True)):
+                keep = valid[rows]
+                ignored = (~keep).nonzero().squeeze(1)
+                x, t = chunk, targets[rows]
+                if len(ignored):  # whatever ignored rows hold (NaN) must not reach the softmax
+                    x = x.index_fill(0, ignored, 0.0)
+                    t = t.index_fill(0, ignored, 0) if t.is_floating_point() else t
+                out = acc if k == 0 else torch.empty_like(chunk)
+                sums[k] += torch.where(keep, term.kernel(x, t, out), 0.0).sum()
+                if len(ignored):
+                    out.index_fill_(0, ignored, 0.0)
+                out.mul_(scales[k])
+                if k:
+                    acc.add_(out)
             if not direct:
-                grad[rows] = out
-        n = flat_v.sum().clamp_min(1)
+                grad[rows] = acc
+        means = [s / n for s, n in zip(sums, counts, strict=True)]
         ctx.grad = grad
-        ctx.scale = kernel.grad_scale / n
         ctx.shape = logits.shape
-        return total / n
+        total = sum((t.weight * m for t, m in zip(terms, means, strict=True)), sums[0] * 0)
+        detached = [m.detach() for m in means]
+        ctx.mark_non_differentiable(*detached)
+        return (total, *detached)
 
     @staticmethod
-    def backward(ctx: Any, out: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, out: Tensor, *_: Tensor) -> tuple[Tensor, None]:
         grad = ctx.grad
         if grad is None:
             raise RuntimeError("a row-wise loss can be differentiated once (no retain_graph)")
         ctx.grad = None  # scaled in place: the buffer is handed to autograd, not copied
-        return grad.mul_((out * ctx.scale).to(grad.dtype)).view(ctx.shape), None, None, None
+        return grad.mul_(out.to(grad.dtype)).view(ctx.shape), None
 
 
 def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
