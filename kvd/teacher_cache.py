@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,13 @@ def ensure_empty(root: Path) -> None:
 
 
 class CacheWriter:
-    """Writes a cache step by step; `finish` writes the manifest that completes it."""
+    """Writes a cache step by step; `finish` writes the manifest that completes it.
+
+    Files are written on a background thread, so writing one step overlaps computing the next
+    (the aligned logits of a step can be 100 MB); at most PENDING steps wait in memory. An error
+    of the writer is raised by the next `put` or by `finish`."""
+
+    PENDING = 2
 
     def __init__(self, root: Path, fingerprint: dict[str, Any]) -> None:
         ensure_empty(root)
@@ -134,15 +142,39 @@ class CacheWriter:
         self.root = root
         self.fingerprint = fingerprint
         self.bytes = 0
+        self._queue: queue.Queue[tuple[int, dict[str, torch.Tensor]] | None] = queue.Queue(
+            maxsize=self.PENDING
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write_all, name="kvd-cache", daemon=True)
+        self._thread.start()
 
     def put(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
-        final = _step_file(self.root, step)
-        tmp = final.with_suffix(".tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, final)
-        self.bytes += final.stat().st_size
+        self._raise()
+        self._queue.put((step, tensors))
+
+    def _write_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the main thread raises it
+            step, tensors = item
+            try:
+                final = _step_file(self.root, step)
+                tmp = final.with_suffix(".tmp")
+                save_file(tensors, tmp)
+                os.replace(tmp, final)
+                self.bytes += final.stat().st_size
+            except BaseException as exc:
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def finish(self, steps: int, plans: dict[str, list[list[list[float]]]]) -> TeacherCache:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
         manifest = {
             "format": FORMAT,
             "steps": steps,

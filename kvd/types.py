@@ -59,14 +59,15 @@ class TokenAlignment:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher tensor [B, H, Tt, D] -> student-aligned [B, H, Ts, D] (weighted over K).
+        Rows where `mask` is False hold no target: every consumer masks them out.
 
         One batched matmul with the dense map: far cheaper than gathering K candidates of a
         wide D (logits over a vocabulary). A map that only keeps or drops positions (a teacher
-        sharing the student's tokenizer) is applied as a mask instead of a matmul."""
+        sharing the student's tokenizer) returns a view of `x` instead, its dropped rows as the
+        teacher had them."""
         m = self.matrix(x.shape[2], x.dtype).to(x.device)
-        keep = _identity_rows(m)
-        if keep is not None:
-            return x[:, :, : m.shape[1]] * keep[:, None, :, None]
+        if _identity_rows(m) is not None:  # a view: no copy of [B, 1, T, V] logits
+            return x[:, :, : m.shape[1]]
         return torch.matmul(m[:, None], x)
 
 

@@ -188,7 +188,7 @@ def test_gather_of_identity_returns_the_teacher(offline_tokenizers: dict[str, An
     out = ALIGNERS["soft"].align(b, b).gather(x)
     keep = text_mask(b)[:, None, :, None].expand_as(x)
     assert torch.equal(out[keep], x[keep])
-    assert (out[~keep] == 0).all()
+    assert out.data_ptr() == x.data_ptr()  # a view: same-tokenizer logits are not copied
 
 
 @pytest.mark.parametrize("pair", [("piece_bpe", "piece_bpe"), ("byte_bpe", "words")])
@@ -199,7 +199,8 @@ def test_gather_equals_the_dense_map(offline_tokenizers: dict[str, Any], pair: A
     x = torch.randn(t.input_ids.shape[0], 2, t.input_ids.shape[1], 5)
     al = ALIGNERS["soft"].align(s, t)
     dense = torch.einsum("bst,bhtd->bhsd", al.matrix(x.shape[2]), x)
-    torch.testing.assert_close(al.gather(x), dense)
+    rows = al.mask[:, None, :, None].expand_as(dense)  # the rows that hold targets
+    torch.testing.assert_close(al.gather(x)[rows], dense[rows])
 
 
 ALPHABET = [

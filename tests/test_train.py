@@ -293,3 +293,29 @@ def test_saved_student_keeps_its_bos_behaviour(finished: Path) -> None:
 
     trained_with = TinySource(TinySource.Config(config=STUDENT)).geometry().adds_bos
     assert read_hf_dir(finished / "student").adds_bos is trained_with is True
+
+
+def test_cache_writer_error_surfaces_and_leaves_no_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps are written on a background thread; a failed write (disk full) is raised in the
+    caller and the cache stays incomplete (no manifest), so no run can read it."""
+    import kvd.teacher_cache as tc
+
+    calls = {"n": 0}
+    real = tc.save_file
+
+    def failing(tensors: dict[str, torch.Tensor], path: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(tc, "save_file", failing)
+    writer = tc.CacheWriter(tmp_path / "cache", {"x": 1})
+    with pytest.raises(OSError, match="No space"):
+        for step in range(4):
+            writer.put(step, {"a": torch.full((2,), float(step))})
+        writer.finish(4, {})
+    assert not (tmp_path / "cache" / tc.MANIFEST).exists()
+    assert (tmp_path / "cache" / "step-00000000.safetensors").exists()
