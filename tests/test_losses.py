@@ -353,7 +353,13 @@ def test_rowwise_group_equals_the_weighted_sum_of_its_losses(
     t2_mask = mask.clone()
     t2_mask[0, 0] = False
     ce, kd1, kd2 = build("ce"), build("logit_kd"), build("logit_kd", temperature=2.0)
-    terms = [ce.row_term(s, ids, mask), kd1.row_term(s, t1, mask), kd2.row_term(s, t2, t2_mask)]
+    poisoned = t2.clone()
+    poisoned[~t2_mask] = float("nan")  # rows KD leaves out but CE counts: nothing may leak
+    terms = [
+        ce.row_term(s, ids, mask),
+        kd1.row_term(s, t1, mask),
+        kd2.row_term(s, poisoned, t2_mask),
+    ]
     for term, w in zip(terms, [0.5, 0.3, 0.2], strict=True):
         term.weight = w
     total, means = rowwise.rowwise_group(s, terms)

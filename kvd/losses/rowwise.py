@@ -3,17 +3,19 @@
 Logits [B, T, V] are the largest tensors of a step (V = 49152..262144). Through autograd, a
 softmax loss keeps its log-softmax output for backward, allocates a gradient of the same size
 there, and every intermediate op (cast, division, subtraction) is one more [B, T, V] buffer.
-Here the forward pass walks the rows in chunks that fit in cache, computes each chunk's loss
-and its gradient d loss / d logits in closed form (softmax minus the target distribution) and
-sums the weighted gradients of every loss of the group into one preallocated buffer; backward
-only scales that buffer. One [B, T, V] buffer for CE and logit KD together, no full-size
-temporaries.
+Here the forward pass walks the rows in chunks that fit in cache and forms each loss's gradient
+d loss / d logits in closed form: tau * (softmax(x / tau) - p) for a target distribution p
+(onehot(label) for CE, the teacher's softmax for logit KD). All losses of a group with the same
+tau share the student's softmax, computed once per chunk straight into one preallocated
+gradient buffer; each loss then subtracts its weighted p. Backward only scales that buffer.
+One [B, T, V] buffer for CE and logit KD together, no full-size temporaries.
 
 Kernels work row by row, so whatever an invalid row holds (even NaN) stays in that row, which
 is left out of the sum and zeroed in the gradient: it reaches neither the value nor the
 gradient. Measured on [8, 128, 49152] float32 logits, 2 CPU cores, forward + backward: CE
 0.024 s (torch's cross_entropy on the same view 0.025 s; the boolean-indexed rows this replaced
-0.17 s); logit KD 0.075 s (autograd over log_softmax 0.11 s).
+0.17 s); logit KD 0.075 s on its own (autograd over log_softmax 0.11 s), less in a group with
+CE, whose softmax it shares (quickstart step: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ from torch import Tensor
 
 
 class RowKernel(Protocol):
-    """A loss of one row of logits against its target. `grad_scale` is a constant the written
-    gradient is to be multiplied by (applied once, in backward, with the mean's 1 / n)."""
+    """A loss of one row of student logits x, compared as q = softmax(x / tau), against its
+    target distribution p: the row loss is tau^2 * (H(p, q) - H(p)) and its gradient with
+    respect to x is tau * (q - p), so every kernel of a group with the same tau shares q."""
 
-    grad_scale: float
+    tau: float
 
-    def __call__(self, x: Tensor, target: Tensor, out: Tensor, /) -> Tensor:
-        """x [c, V] float32 rows (read-only), target rows [c, ...], out [c, V] float32 ->
-        the loss of each row [c]; d loss_row / d x divided by `grad_scale` is written to out.
-        Row by row only: no value of one row may reach another row's loss or gradient."""
+    def __call__(
+        self, xs: Tensor, lse: Tensor, target: Tensor, acc: Tensor, coef: Tensor, /
+    ) -> Tensor:
+        """xs = x / tau [c, V] float32 and lse = logsumexp(xs) [c] (read-only), target rows
+        [c, ...], acc [c, V] float32 and coef [c] -> the loss of each row [c], after
+        subtracting coef * p from acc (p = the target distribution of each row; rows whose
+        coef is 0 may hold anything, even NaN, and must add nothing). Row by row only."""
         ...
 
 
@@ -78,27 +84,33 @@ class _Rowwise(torch.autograd.Function):
             for term in terms
         ]
         counts = [valid.sum().clamp_min(1) for _, valid in rows_of]
-        scales = [t.weight * t.kernel.grad_scale / n for t, n in zip(terms, counts, strict=True)]
+        # d total / d x of term k on a valid row: weight_k * tau_k * (q - p) / n_k
+        scales = [t.weight * t.kernel.tau / n for t, n in zip(terms, counts, strict=True)]
+        taus = sorted({t.kernel.tau for t in terms})
         grad = torch.empty_like(flat)
         direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
         sums = [flat.new_zeros((), dtype=torch.float32) for _ in terms]
         step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
         for first in range(0, flat.shape[0], step):
             rows = slice(first, first + step)
-            chunk = flat[rows].float()
-            acc = grad[rows] if direct else torch.empty_like(chunk)
-            for k, (term, (targets, valid)) in enumerate(zip(terms, rows_of, strict=True)):
-                keep = valid[rows]
-                out = acc if k == 0 else torch.empty_like(chunk)
-                # kernels work row by row: whatever an ignored row holds (NaN) stays in its row,
-                # which `where` leaves out of the sum and index_fill_ out of the gradient
-                sums[k] += torch.where(keep, term.kernel(chunk, targets[rows], out), 0.0).sum()
-                ignored = (~keep).nonzero().squeeze(1)
-                if len(ignored):
-                    out.index_fill_(0, ignored, 0.0)
-                out.mul_(scales[k])
-                if k:
-                    acc.add_(out)
+            x = flat[rows].float()
+            acc = grad[rows] if direct else torch.empty_like(x)
+            for i, tau in enumerate(taus):
+                ks = [k for k, t in enumerate(terms) if t.kernel.tau == tau]
+                coefs = {k: rows_of[k][1][rows] * scales[k] for k in ks}
+                xs = x / tau if tau != 1.0 else x
+                q = acc if i == 0 else torch.empty_like(x)
+                lse = softmax_lse(xs, q)  # shared by every term with this tau
+                q.mul_(torch.stack(list(coefs.values())).sum(0)[:, None])  # sum_k coef_k * q
+                for k in ks:
+                    loss = terms[k].kernel(xs, lse, rows_of[k][0][rows], q, coefs[k])
+                    sums[k] += torch.where(rows_of[k][1][rows], loss, 0.0).sum()
+                if i:
+                    acc.add_(q)
+            # rows no term counts: 0 * whatever they held (NaN) is not 0
+            ignored = (~torch.stack([valid[rows] for _, valid in rows_of]).any(0)).nonzero()
+            if len(ignored):
+                acc.index_fill_(0, ignored.squeeze(1), 0.0)
             if not direct:
                 grad[rows] = acc
         means = [s / n for s, n in zip(sums, counts, strict=True)]
@@ -130,35 +142,31 @@ def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
 
 class CrossEntropyRows:
     """Cross-entropy of each row against a label [c] long (any id on invalid rows):
-    logsumexp(x) - x[label]; gradient softmax(x) - onehot(label)."""
+    logsumexp(x) - x[label]; its target distribution is onehot(label)."""
 
-    grad_scale = 1.0
+    tau = 1.0
 
-    def __call__(self, x: Tensor, labels: Tensor, out: Tensor) -> Tensor:
-        labels = labels.clamp(0, x.shape[-1] - 1)[:, None]
-        nll = softmax_lse(x, out) - x.gather(1, labels).squeeze(1)
-        out.scatter_add_(1, labels, torch.full_like(labels, -1, dtype=out.dtype))
-        return nll
+    def __call__(
+        self, xs: Tensor, lse: Tensor, labels: Tensor, acc: Tensor, coef: Tensor
+    ) -> Tensor:
+        labels = labels.clamp(0, xs.shape[-1] - 1)[:, None]
+        acc.scatter_add_(1, labels, -coef[:, None].to(acc.dtype))
+        return lse - xs.gather(1, labels).squeeze(1)
 
 
 class SoftKLRows:
     """tau^2 * KL(softmax(t / tau) || softmax(x / tau)) of each row against teacher logits t
-    [c, V]; gradient tau * (softmax(x / tau) - softmax(t / tau)) (the tau in grad_scale).
-
-    With p = softmax(t'), q = softmax(x') of the scaled rows, KL = sum p (t' - x') - lse(t') +
-    lse(x'): two softmaxes and a dot product, no log-softmax and no exp pass of its own."""
+    [c, V]: with p = softmax(t / tau), KL = sum p (t - x) / tau - lse(t / tau) + lse(x / tau),
+    two dot products and the teacher's softmax; the student's is shared by the group."""
 
     def __init__(self, tau: float) -> None:
         self.tau = tau
-        self.grad_scale = tau
 
-    def __call__(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
-        tau = self.tau
-        x = x / tau if tau != 1.0 else x
-        t = t.float() / tau if tau != 1.0 else t.float()
-        p_t = torch.empty_like(t)
-        lse_t = softmax_lse(t, p_t)
-        lse_s = softmax_lse(x, out)
-        kl = torch.linalg.vecdot(p_t, t) - torch.linalg.vecdot(p_t, x) - lse_t + lse_s
-        out.sub_(p_t)
-        return kl * tau**2
+    def __call__(self, xs: Tensor, lse: Tensor, t: Tensor, acc: Tensor, coef: Tensor) -> Tensor:
+        ts = t.float() / self.tau if self.tau != 1.0 else t.float()
+        p = torch.empty_like(ts)
+        lse_t = softmax_lse(ts, p)
+        kl = torch.linalg.vecdot(p, ts) - torch.linalg.vecdot(p, xs) - lse_t + lse
+        p.masked_fill_((coef == 0)[:, None], 0.0)  # an ignored row may hold NaN
+        acc.addcmul_(p, coef[:, None], value=-1.0)
+        return kl * self.tau**2
