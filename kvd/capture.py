@@ -38,7 +38,8 @@ from kvd.types import KVBundle
 
 @dataclass
 class Capture:
-    """One forward pass: K/V of the requested layers (post-RoPE, as cached) and logits [B, T, V]."""
+    """One forward pass: K/V of the requested layers (post-RoPE, as cached) and logits [B, T, V]
+    (or [N, V] at the N flat positions `rows` asked for)."""
 
     kv: KVBundle
     logits: torch.Tensor | None
@@ -52,6 +53,7 @@ def capture_kv(
     layers: list[int] | None = None,
     grad: bool = False,
     logits: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> Capture:
     """Run `model` on right-padded input_ids [B, T] (attention_mask [B, T] bool) and record K/V.
 
@@ -59,7 +61,10 @@ def capture_kv(
     grad=False (teachers) runs under torch.no_grad; grad=True (the student) keeps the graph so a
     loss on the K/V reaches the projections. The model's train/eval mode is left to the caller.
     logits=False skips the LM head on all but the last position (its cost is large for big
-    vocabularies) and leaves `Capture.logits` None.
+    vocabularies) and leaves `Capture.logits` None. rows [N] long (flat indices into B * T)
+    runs the LM head on those positions only and returns logits [N, V]: padding then costs
+    the head nothing, forward or backward (the output embedding's input is narrowed by a
+    pre-hook, so whatever the model applies after it, e.g. Gemma's soft-capping, still runs).
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -71,7 +76,8 @@ def capture_kv(
     mask = attention_mask.bool()
     recorder = _Recorder(model, wanted)
     track = grad and torch.is_grad_enabled()
-    with torch.set_grad_enabled(track), recorder.active():
+    narrow = _narrow_head(model, rows) if logits and rows is not None else contextlib.nullcontext()
+    with torch.set_grad_enabled(track), recorder.active(), narrow:
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -86,7 +92,35 @@ def capture_kv(
             "without autograd; enable it with gradient_checkpointing_kwargs="
             "{'use_reentrant': False} (the transformers default)"
         )
+    if logits and rows is not None and out.logits.shape[:-1] != rows.shape:
+        raise RuntimeError(
+            f"{type(model).__name__}: logits {tuple(out.logits.shape)} for {len(rows)} rows; "
+            "its output embedding is not applied once to the last hidden states"
+        )
     return Capture(KVBundle(keys, values, wanted, mask), out.logits if logits else None)
+
+
+def unpack_rows(logits: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Logits [N, V] at the flat positions rows [N] -> [*shape, V], zeros elsewhere
+    (differentiable), for consumers that take the [B, T, V] layout."""
+    full = logits.new_zeros(shape.numel(), logits.shape[-1])
+    return full.index_copy(0, rows, logits).view(*shape, logits.shape[-1])
+
+
+@contextlib.contextmanager
+def _narrow_head(model: Any, rows: torch.Tensor) -> Iterator[None]:
+    """While active, the output embedding maps hidden [B, T, d] at the flat positions `rows`
+    only: its input becomes [N, d], its output [N, V]."""
+
+    def narrow(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, *rest = args
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *rest)
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(narrow)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_layers(layers: list[int], count: int) -> list[int]:

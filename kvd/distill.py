@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from kvd.align.rope import RopeAligner
-from kvd.capture import capture_kv
+from kvd.capture import capture_kv, unpack_rows
 from kvd.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, fuse, fused_mask
 from kvd.losses.base import Loss
@@ -161,29 +161,35 @@ class DistillModel(nn.Module):
     ) -> StepOutput:
         """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
         need_kv = any(t.module.inputs in ("kv", "kv_raw") for t in self.loss_terms)
+        mask = attention_mask.bool()
+        rows = mask.flatten().nonzero().squeeze(1)  # the LM head runs on real tokens only
         cap = capture_kv(
             self.student,
             input_ids,
             attention_mask,
             layers=self.layers if need_kv else [],
             grad=True,
+            rows=rows,
         )
         assert cap.logits is not None
         kv = self.rope.apply(cap.kv, self.student) if need_kv else cap.kv
         s_keys = dict(zip(kv.layers, kv.keys, strict=True))
         s_values = dict(zip(kv.layers, kv.values, strict=True))
         out = StepOutput(total=cap.logits.new_zeros(()))
-        mask = attention_mask.bool()
-        grouped = self._rowwise_terms(cap.logits, input_ids, mask, targets, out)
+        grouped = self._rowwise_terms(cap.logits, rows, input_ids, mask, targets, out)
+        full: Tensor | None = None  # [B, Ts, V] for losses that are not row-wise kernels
         for term in self.loss_terms:
             if any(term is g for g in grouped):
                 continue
+            if term.module.inputs in ("ce", "logits") and full is None:
+                full = unpack_rows(cap.logits, rows, mask.shape)
             if term.module.inputs == "ce":
-                value = term.module(cap.logits, input_ids, mask)
+                assert full is not None
+                value = term.module(full, input_ids, mask)
             elif term.module.inputs == "kv" and self.direction == "teacher_to_student":
                 value = self._fused_kv(term, s_keys, s_values, targets, task, out)
             else:
-                value = self._per_teacher(term, cap.logits, s_keys, s_values, targets, out)
+                value = self._per_teacher(term, full, s_keys, s_values, targets, out)
             out.parts[f"loss/{term.name}"] = float(value.detach())
             out.total = out.total + term.weight * value
         out.parts["loss/total"] = float(out.total.detach())
@@ -192,21 +198,23 @@ class DistillModel(nn.Module):
     def _rowwise_terms(
         self,
         logits: Tensor,
+        rows: Tensor,
         input_ids: Tensor,
         mask: Tensor,
         targets: dict[str, TeacherTargets],
         out: StepOutput,
     ) -> list[LossTerm]:
         """The terms on the student logits that are row-wise kernels (CE, logit KD), run as one
-        group: one pass over the logits, one gradient buffer (kvd.losses.rowwise). Adds their
-        weighted sum to out.total and their parts; returns the terms it handled."""
-        rows: list[tuple[LossTerm, str | None, float, RowTerm]] = []
+        group: one pass over the logits, one gradient buffer (kvd.losses.rowwise). logits [N, V]
+        are the student's at the flat positions `rows` [N] of input_ids and mask [B, Ts]. Adds
+        their weighted sum to out.total and their parts; returns the terms it handled."""
+        found_rows: list[tuple[LossTerm, str | None, float, RowTerm]] = []
         handled: list[LossTerm] = []
         for term in self.loss_terms:
             if term.module.inputs == "ce":
                 row = term.module.row_term(logits, input_ids, mask)
                 if row is not None:
-                    rows.append((term, None, 1.0, row))
+                    found_rows.append((term, None, 1.0, row))
                     handled.append(term)
             elif term.module.inputs == "logits":
                 active = [t for t in term.teachers if t in targets]
@@ -218,16 +226,16 @@ class DistillModel(nn.Module):
                             (tid, w, term.module.row_term(logits, t_logits, targets[tid].mask))
                         )
                 if found and all(row is not None for *_, row in found):
-                    rows += [(term, tid, w, row) for tid, w, row in found if row is not None]
+                    found_rows += [(term, tid, w, row) for tid, w, row in found if row is not None]
                     handled.append(term)
-        if not rows:
+        if not found_rows:
             return handled
-        for term, _, w, row in rows:
+        for term, _, w, row in found_rows:
             row.weight = term.weight * w
-        total, means = rowwise_group(logits, [row for *_, row in rows])
+        total, means = rowwise_group(logits, [row for *_, row in found_rows], rows)
         out.total = out.total + total
         values: dict[str, float] = {}
-        for (term, teacher, w, _), mean in zip(rows, means, strict=True):
+        for (term, teacher, w, _), mean in zip(found_rows, means, strict=True):
             if teacher is not None:
                 out.parts[f"loss/{term.name}/{teacher}"] = float(mean)
             values[term.name] = values.get(term.name, 0.0) + w * float(mean)
@@ -240,7 +248,7 @@ class DistillModel(nn.Module):
     def _per_teacher(
         self,
         term: LossTerm,
-        logits: Tensor,
+        logits: Tensor | None,
         s_keys: dict[int, Tensor],
         s_values: dict[int, Tensor],
         targets: dict[str, TeacherTargets],
@@ -248,12 +256,13 @@ class DistillModel(nn.Module):
     ) -> Tensor:
         """A loss computed per teacher, weighted by the teachers' normalised spec weights."""
         active = [t for t in term.teachers if t in targets]
-        total = logits.new_zeros(())
+        total = out.total.new_zeros(())
         for tid, w in self._weights(active).items():
             t = targets[tid]
             if term.module.inputs == "logits":
                 if t.logits is None:
                     continue
+                assert logits is not None
                 value = term.module(logits, t.logits, t.mask)
             elif term.module.inputs == "kv_raw":
                 value = self._raw(term.module, s_keys, s_values, t)

@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 from kvd.align.rope import Unrotate
-from kvd.capture import Capture, capture_kv
+from kvd.capture import Capture, capture_kv, unpack_rows
 from kvd.rotary import layer_tables, position_ids, rotate
 
 B, T, LAYERS = 2, 12, 4
@@ -265,3 +265,35 @@ def test_reentrant_checkpointing_is_refused() -> None:
     ids, mask = batch()
     with pytest.raises(RuntimeError, match="use_reentrant"):
         capture_kv(model, ids, mask, grad=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])  # gemma2 soft-caps its logits
+def test_logits_at_rows_only(arch: str) -> None:
+    """rows: the LM head maps only the real tokens; the logits and their gradients there equal
+    the full forward's, and unpack_rows restores the [B, T, V] layout with zeros at padding."""
+    model = tiny(arch)
+    ids, mask = batch()
+    mask[0, 7:] = False
+    rows = mask.flatten().nonzero().squeeze(1)
+    seen: list[tuple[int, ...]] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, a, _o: seen.append(tuple(a[0].shape)))
+    try:
+        full = capture_kv(model, ids, mask, grad=True)
+        packed = capture_kv(model, ids, mask, grad=True, rows=rows)
+    finally:
+        handle.remove()
+    assert seen == [(B, T, 32), (len(rows), 32)]
+    assert full.logits is not None and packed.logits is not None
+    assert packed.logits.shape == (len(rows), 64)
+    torch.testing.assert_close(packed.logits, full.logits.flatten(0, 1)[rows])
+    weights = torch.randn(len(rows), 64)
+    (g_full,) = torch.autograd.grad(
+        (full.logits.flatten(0, 1)[rows] * weights).sum(), head.weight, retain_graph=True
+    )
+    (g_packed,) = torch.autograd.grad((packed.logits * weights).sum(), head.weight)
+    torch.testing.assert_close(g_packed, g_full)
+    back = unpack_rows(packed.logits, rows, mask.shape)
+    assert back.shape == (B, T, 64)
+    torch.testing.assert_close(back[mask], full.logits[mask])
+    assert not back[~mask].any()

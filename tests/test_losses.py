@@ -390,3 +390,42 @@ def test_rowwise_group_equals_the_weighted_sum_of_its_losses(
     torch.testing.assert_close(total.detach(), 0.5 * means[0] + 0.3 * means[1] + 0.2 * means[2])
     assert s.grad is not None and ref_s.grad is not None
     torch.testing.assert_close(s.grad, ref_s.grad)
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 13])
+def test_rowwise_group_on_logits_at_real_tokens_only(
+    chunk: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `index`, logits [N, V] at the real tokens give the value and (at those rows) the
+    gradient of the full [B, T, V] logits; padding rows, NaN in the targets, never reach them."""
+    if chunk:
+        monkeypatch.setitem(rowwise.CHUNK_ELEMENTS, "cpu", chunk)
+    torch.manual_seed(0)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[1, 3:] = False
+    kd_mask = mask.clone()
+    kd_mask[0, 1] = False  # a row CE counts and KD does not
+    index = mask.flatten().nonzero().squeeze(1)
+    full = torch.randn(B, T, 13, requires_grad=True)
+    ids = torch.randint(0, 13, (B, T))
+    teacher = torch.randn(B, T, 13).bfloat16()
+    teacher[~kd_mask] = float("nan")
+
+    def group(logits: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        terms = [
+            build("ce").row_term(logits, ids, mask),
+            build("logit_kd", temperature=2.0).row_term(logits, teacher, kd_mask),
+        ]
+        terms[1].weight = 0.3
+        return rowwise.rowwise_group(logits, terms, index)[0]
+
+    want = group(full, None)
+    want.backward()
+    packed = full.detach().flatten(0, 1)[index].requires_grad_()
+    got = group(packed, index)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    assert full.grad is not None and packed.grad is not None
+    torch.testing.assert_close(packed.grad, full.grad.flatten(0, 1)[index])
+    assert torch.isfinite(packed.grad).all()

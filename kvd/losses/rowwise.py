@@ -52,7 +52,8 @@ last-level cache; 2**21 was fastest of 2**18..2**22 measured), 512 MiB on CUDA (
 @dataclass
 class RowTerm:
     """One row-wise loss on a logits tensor: its kernel, targets [..., *] (rows matching the
-    logits' leading dims), valid [...] bool rows, and its weight in a group's total."""
+    logits' leading dims, or the rows `index` names: `rowwise_group`), valid [...] bool rows,
+    and its weight in a group's total."""
 
     kernel: RowKernel
     targets: Tensor
@@ -60,30 +61,36 @@ class RowTerm:
     weight: float = 1.0
 
 
-def rowwise_group(logits: Tensor, terms: list[RowTerm]) -> tuple[Tensor, list[Tensor]]:
+def rowwise_group(
+    logits: Tensor, terms: list[RowTerm], index: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
     """sum_k weight_k * mean_k for several row-wise losses on the same logits [..., V], as one
     differentiable scalar, and each mean_k (detached).
+
+    With `index` [N] long, logits [N, V] are rows index[n] of the terms' flattened rows
+    (logits computed at the N real tokens only: kvd.capture `rows`); index must increase.
 
     One pass over the rows and one gradient buffer for the whole group: the weighted gradients
     are summed chunk by chunk in forward, where autograd would keep a buffer per loss and add
     them in backward."""
-    total, *means = _Rowwise.apply(logits, terms)
+    total, *means = _Rowwise.apply(logits, terms, index)
     return total, means
 
 
 class _Rowwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, terms: list[RowTerm]) -> tuple[Tensor, ...]:
+    def forward(
+        ctx: Any, logits: Tensor, terms: list[RowTerm], index: Tensor | None
+    ) -> tuple[Tensor, ...]:
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)
-        rows_of = [
-            (
-                term.targets.reshape(flat.shape[0], *term.targets.shape[term.valid.dim() :]),
-                term.valid.reshape(-1),
-            )
-            for term in terms
-        ]
-        counts = [valid.sum().clamp_min(1) for _, valid in rows_of]
+        rows_of = []  # per term: targets and valid [R] by its own flat rows
+        for term in terms:
+            valid = term.valid.reshape(-1)
+            rest = term.targets.shape[term.valid.dim() :]
+            rows_of.append((term.targets.reshape(valid.shape[0], *rest), valid))
+        valids = [valid if index is None else valid[index] for _, valid in rows_of]
+        counts = [valid.sum().clamp_min(1) for valid in valids]
         # d total / d x of term k on a valid row: weight_k * tau_k * (q - p) / n_k
         scales = [t.weight * t.kernel.tau / n for t, n in zip(terms, counts, strict=True)]
         taus = sorted({t.kernel.tau for t in terms})
@@ -91,26 +98,21 @@ class _Rowwise(torch.autograd.Function):
         direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
         sums = [flat.new_zeros((), dtype=torch.float32) for _ in terms]
         step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
-        for first in range(0, flat.shape[0], step):
-            rows = slice(first, first + step)
+        for rows, source in _chunks(torch.stack(valids).any(0), index, step, grad):
             x = flat[rows].float()
             acc = grad[rows] if direct else torch.empty_like(x)
             for i, tau in enumerate(taus):
                 ks = [k for k, t in enumerate(terms) if t.kernel.tau == tau]
-                coefs = {k: rows_of[k][1][rows] * scales[k] for k in ks}
+                coefs = {k: valids[k][rows] * scales[k] for k in ks}
                 xs = x / tau if tau != 1.0 else x
                 q = acc if i == 0 else torch.empty_like(x)
                 lse = softmax_lse(xs, q)  # shared by every term with this tau
                 q.mul_(torch.stack(list(coefs.values())).sum(0)[:, None])  # sum_k coef_k * q
                 for k in ks:
-                    loss = terms[k].kernel(xs, lse, rows_of[k][0][rows], q, coefs[k])
-                    sums[k] += torch.where(rows_of[k][1][rows], loss, 0.0).sum()
+                    loss = terms[k].kernel(xs, lse, rows_of[k][0][source], q, coefs[k])
+                    sums[k] += torch.where(valids[k][rows], loss, 0.0).sum()
                 if i:
                     acc.add_(q)
-            # rows no term counts: 0 * whatever they held (NaN) is not 0
-            ignored = (~torch.stack([valid[rows] for _, valid in rows_of]).any(0)).nonzero()
-            if len(ignored):
-                acc.index_fill_(0, ignored.squeeze(1), 0.0)
             if not direct:
                 grad[rows] = acc
         means = [s / n for s, n in zip(sums, counts, strict=True)]
@@ -122,12 +124,39 @@ class _Rowwise(torch.autograd.Function):
         return (total, *detached)
 
     @staticmethod
-    def backward(ctx: Any, out: Tensor, *_: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, out: Tensor, *_: Tensor) -> tuple[Tensor, None, None]:
         grad = ctx.grad
         if grad is None:
             raise RuntimeError("a row-wise loss can be differentiated once (no retain_graph)")
         ctx.grad = None  # scaled in place: the buffer is handed to autograd, not copied
-        return grad.mul_(out.to(grad.dtype)).view(ctx.shape), None
+        return grad.mul_(out.to(grad.dtype)).view(ctx.shape), None, None
+
+
+def _chunks(
+    counted: Tensor, index: Tensor | None, step: int, grad: Tensor
+) -> list[tuple[slice, slice]]:
+    """(logits rows, target rows) slices of at most `step` rows covering the runs of rows some
+    term counts, counted [N] bool; a run is also cut where `index` jumps, so that its target
+    rows are one slice too. The other rows of grad [N, V] are zeroed here and never read (the
+    padding of a batch costs nothing)."""
+    flags = counted.to(torch.int8)
+    edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
+    cuts = set((edges != 0).nonzero().squeeze(1).tolist())
+    if index is not None:
+        cuts |= set(((index[1:] - index[:-1]) != 1).nonzero().squeeze(1).add(1).tolist())
+    bounds = sorted(cuts | {0, len(counted)})
+    firsts = counted[bounds[:-1]].tolist() if len(counted) else []
+    sources = index[bounds[:-1]].tolist() if index is not None and len(counted) else bounds
+    out: list[tuple[slice, slice]] = []
+    for start, end, counts, source in zip(bounds, bounds[1:], firsts, sources, strict=False):
+        if not counts:
+            grad[start:end].zero_()
+            continue
+        for first in range(start, end, step):
+            last = min(first + step, end)
+            at = source + first - start
+            out.append((slice(first, last), slice(at, at + last - first)))
+    return out
 
 
 def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
@@ -157,16 +186,20 @@ class CrossEntropyRows:
 class SoftKLRows:
     """tau^2 * KL(softmax(t / tau) || softmax(x / tau)) of each row against teacher logits t
     [c, V]: with p = softmax(t / tau), KL = sum p (t - x) / tau - lse(t / tau) + lse(x / tau),
-    two dot products and the teacher's softmax; the student's is shared by the group."""
+    one dot product and the teacher's softmax; the student's is shared by the group."""
 
     def __init__(self, tau: float) -> None:
         self.tau = tau
 
     def __call__(self, xs: Tensor, lse: Tensor, t: Tensor, acc: Tensor, coef: Tensor) -> Tensor:
-        ts = t.float() / self.tau if self.tau != 1.0 else t.float()
-        p = torch.empty_like(ts)
-        lse_t = softmax_lse(ts, p)
-        kl = torch.linalg.vecdot(p, ts) - torch.linalg.vecdot(p, xs) - lse_t + lse
-        p.masked_fill_((coef == 0)[:, None], 0.0)  # an ignored row may hold NaN
+        d = t.to(torch.float32, copy=True)  # becomes t/tau - x/tau in place below
+        if self.tau != 1.0:
+            d.div_(self.tau)
+        p = torch.empty_like(d)
+        lse_t = softmax_lse(d, p)
+        left_out = (coef == 0).nonzero().squeeze(1)
+        if len(left_out):  # such a row may hold NaN: it must not reach acc
+            p.index_fill_(0, left_out, 0.0)
+        kl = torch.linalg.vecdot(p, d.sub_(xs)) - lse_t + lse
         acc.addcmul_(p, coef[:, None], value=-1.0)
         return kl * self.tau**2
