@@ -7,7 +7,7 @@ mapped to the student's by the token aligner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,9 +82,8 @@ def teacher_targets(
         model, ids, mask, layers=teacher.plan.teacher_layers, logits=want_logits or want_ce
     )
     kv = rope.apply(cap.kv, model)
-    alignment = token_aligner.align(student, batch)
-    alignment.index = alignment.index.to(device)
-    alignment.weight = alignment.weight.to(device)
+    found = token_aligner.align(student, batch)
+    alignment = replace(found, index=found.index.to(device), weight=found.weight.to(device))
     keys = dict(zip(kv.layers, kv.keys, strict=True))
     values = dict(zip(kv.layers, kv.values, strict=True))
     out_k: dict[int, torch.Tensor] = {}

@@ -4,7 +4,7 @@ B batch, T tokens (Tt teacher, Ts student), H KV heads, D head_dim, L layers, K 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,9 @@ class TokenAlignment:
     index: torch.Tensor
     weight: torch.Tensor
     mask: torch.Tensor
+    _maps: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, bool]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )  # gather's dense maps (and whether each only keeps rows), built once per Tt, dtype, device
 
     def matrix(self, tt: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The alignment as a dense map [B, Ts, Tt]: row s holds the weights of its teacher
@@ -64,9 +67,14 @@ class TokenAlignment:
         One batched matmul with the dense map: far cheaper than gathering K candidates of a
         wide D (logits over a vocabulary). A map that only keeps or drops positions (a teacher
         sharing the student's tokenizer) returns a view of `x` instead, its dropped rows as the
-        teacher had them."""
-        m = self.matrix(x.shape[2], x.dtype).to(x.device)
-        if _identity_rows(m) is not None:  # a view: no copy of [B, 1, T, V] logits
+        teacher had them. The map is built once for all the tensors gathered (K and V of every
+        layer, logits); index and weight must not change after the first gather."""
+        key = (x.shape[2], x.dtype, x.device)
+        if key not in self._maps:
+            m = self.matrix(x.shape[2], x.dtype).to(x.device)
+            self._maps[key] = (m, _identity_rows(m) is not None)
+        m, keeps_rows = self._maps[key]
+        if keeps_rows:  # a view: no copy of [B, 1, T, V] logits
             return x[:, :, : m.shape[1]]
         return torch.matmul(m[:, None], x)
 
