@@ -278,7 +278,7 @@ def main() -> None:
         f"metrics.jsonl. Every rank gets training.batch_size = "
         f"{spec_data['training']['batch_size']} texts, so 2 processes train on twice the "
         "global batch per step; tokens/s is the step record's global student tokens per second "
-        "(rank 0's tokens x world), so it, not step time, is the comparison. Threads/process is "
+        "(summed over ranks), so it, not step time, is the comparison. Threads/process is "
         "OMP_NUM_THREADS. Scaling efficiency is tokens/s over (processes x threads) times the "
         "reference's tokens/s per thread: 1.00 is perfect scaling from the one-share process "
         "(n/a under --smoke, which skips it). Wall s is the whole command (start-up, loading, "

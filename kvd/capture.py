@@ -38,11 +38,13 @@ from kvd.types import KVBundle
 
 @dataclass
 class Capture:
-    """One forward pass: K/V of the requested layers (post-RoPE, as cached) and logits [B, T, V]
-    (or [N, V] at the N flat positions `rows` asked for)."""
+    """One forward pass: K/V of the requested layers (post-RoPE, as cached), logits [B, T, V]
+    (or [N, V] at the N flat positions `rows` asked for) and, when asked for, the output
+    embedding's input hidden [B, T, d] (the last hidden states, after the final norm)."""
 
     kv: KVBundle
     logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None
 
 
 def capture_kv(
@@ -54,6 +56,7 @@ def capture_kv(
     grad: bool = False,
     logits: bool = True,
     rows: torch.Tensor | None = None,
+    hidden: bool = False,
 ) -> Capture:
     """Run `model` on right-padded input_ids [B, T] (attention_mask [B, T] bool) and record K/V.
 
@@ -65,6 +68,8 @@ def capture_kv(
     runs the LM head on those positions only and returns logits [N, V]: padding then costs
     the head nothing, forward or backward (the output embedding's input is narrowed by a
     pre-hook, so whatever the model applies after it, e.g. Gemma's soft-capping, still runs).
+    hidden=True records that input [B, T, d] as `Capture.hidden`; with logits=False the LM head
+    then runs on no position at all.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
@@ -76,14 +81,16 @@ def capture_kv(
     mask = attention_mask.bool()
     recorder = _Recorder(model, wanted)
     track = grad and torch.is_grad_enabled()
-    narrow = _narrow_head(model, rows) if logits and rows is not None else contextlib.nullcontext()
-    with torch.set_grad_enabled(track), recorder.active(), narrow:
+    if hidden and not logits:
+        rows = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    head = _Head(model, rows, hidden)
+    with torch.set_grad_enabled(track), recorder.active(), head.active():
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=position_ids(mask),
             use_cache=False,
-            **({} if logits else {"logits_to_keep": 1}),
+            **({} if logits or hidden else {"logits_to_keep": 1}),
         )
     keys, values = recorder.result(model)
     if track and _trainable(model) and not all(k.requires_grad for k in keys):
@@ -97,7 +104,13 @@ def capture_kv(
             f"{type(model).__name__}: logits {tuple(out.logits.shape)} for {len(rows)} rows; "
             "its output embedding is not applied once to the last hidden states"
         )
-    return Capture(KVBundle(keys, values, wanted, mask), out.logits if logits else None)
+    if hidden and (head.hidden is None or head.hidden.shape[:2] != input_ids.shape):
+        raise RuntimeError(
+            f"{type(model).__name__}: its output embedding did not see the last hidden states "
+            f"[B, T, d] of all {input_ids.shape[1]} positions"
+        )
+    kv = KVBundle(keys, values, wanted, mask)
+    return Capture(kv, out.logits if logits else None, head.hidden)
 
 
 def unpack_rows(logits: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -107,20 +120,35 @@ def unpack_rows(logits: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> 
     return full.index_copy(0, rows, logits).view(*shape, logits.shape[-1])
 
 
-@contextlib.contextmanager
-def _narrow_head(model: Any, rows: torch.Tensor) -> Iterator[None]:
-    """While active, the output embedding maps hidden [B, T, d] at the flat positions `rows`
-    only: its input becomes [N, d], its output [N, V]."""
+class _Head:
+    """While active, a pre-hook on the output embedding keeps its input hidden [B, T, d] (when
+    `keep`) and narrows it to the flat positions `rows` [N] (when given): its output is then
+    [N, V]."""
 
-    def narrow(module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def __init__(self, model: Any, rows: torch.Tensor | None, keep: bool) -> None:
+        self.model = model
+        self.rows = rows
+        self.keep = keep
+        self.hidden: torch.Tensor | None = None
+
+    def _pre(self, module: Any, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, *rest = args
-        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), *rest)
+        if self.keep:
+            self.hidden = hidden
+        if self.rows is None:
+            return args
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.rows), *rest)
 
-    handle = model.get_output_embeddings().register_forward_pre_hook(narrow)
-    try:
-        yield
-    finally:
-        handle.remove()
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.rows is None and not self.keep:
+            yield
+            return
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(self._pre)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def _check_layers(layers: list[int], count: int) -> list[int]:

@@ -15,10 +15,11 @@ import torch
 from kvd.align.base import LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
 from kvd.capture import capture_kv
+from kvd.head import OutputHead
 from kvd.models import LoadedModel
 from kvd.nll import next_token_nll
 from kvd.tokenize import tokenize
-from kvd.types import TokenBatch
+from kvd.types import TokenAlignment, TokenBatch
 
 
 @dataclass
@@ -41,6 +42,9 @@ class TeacherTargets:
     rope aligner's space); mask: [B, Ts] bool, True where the student token is real and has a
     causally valid teacher token; logits: [B, Ts, Vt] aligned teacher logits or None;
     ce: [B] the teacher's mean next-token NLL per sequence on its own tokens, or None.
+    For the offline cache, the logits can instead be given by hidden [B, Tt, d] (the teacher's
+    last hidden states at its own positions) and the alignment that maps them: the aligned
+    logits are `alignment.gather(head(hidden))` (`with_logits`).
     """
 
     keys: dict[int, torch.Tensor]
@@ -49,6 +53,16 @@ class TeacherTargets:
     logits: torch.Tensor | None = None
     ce: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    alignment: TokenAlignment | None = None
+
+    def with_logits(self, head: OutputHead) -> TeacherTargets:
+        """These targets with the aligned logits computed from `hidden` by the teacher's head,
+        exactly as `teacher_targets` aligns the teacher's own logits."""
+        if self.hidden is None or self.alignment is None:
+            raise ValueError("these targets hold no hidden states to compute logits from")
+        logits = self.alignment.gather(head(self.hidden).unsqueeze(1)).squeeze(1)
+        return replace(self, logits=logits, hidden=None, alignment=None)
 
 
 def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,8 +82,11 @@ def teacher_targets(
     want_logits: bool,
     want_ce: bool,
     device: torch.device,
+    hidden_logits: bool = False,
 ) -> TeacherTargets:
-    """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU)."""
+    """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU).
+    hidden_logits: give wanted logits as hidden states and their alignment (the offline
+    cache's compact form; see TeacherTargets), the LM head skipped unless CE needs it."""
     if teacher.loaded is None:
         raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
     batch = tokenize(
@@ -78,8 +95,14 @@ def teacher_targets(
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     model = teacher.loaded.model
+    as_hidden = want_logits and hidden_logits
     cap = capture_kv(
-        model, ids, mask, layers=teacher.plan.teacher_layers, logits=want_logits or want_ce
+        model,
+        ids,
+        mask,
+        layers=teacher.plan.teacher_layers,
+        logits=want_ce or (want_logits and not as_hidden),
+        hidden=as_hidden,
     )
     kv = rope.apply(cap.kv, model)
     found = token_aligner.align(student, batch)
@@ -95,8 +118,10 @@ def teacher_targets(
             out_k[j] = alignment.gather(k)
             out_v[j] = alignment.gather(v)
     logits = None
-    if want_logits and cap.logits is not None:
+    if want_logits and not as_hidden and cap.logits is not None:
         logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
     ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
     valid = alignment.mask.to(device) & student.attention_mask.to(device)
+    if as_hidden:
+        return TeacherTargets(out_k, out_v, valid, None, ce, hidden=cap.hidden, alignment=alignment)
     return TeacherTargets(out_k, out_v, valid, logits, ce)

@@ -5,6 +5,12 @@ each step's targets (aligned K/V of the mapped layers, masks, aligned logits and
 CE where a loss or fusion reads them) as one safetensors file per step. A run whose spec
 matches the cache's fingerprint reads targets from it instead of running the teachers, and gets
 the same losses. A manifest, written last, makes a cache complete.
+
+Logits are stored compactly where that is exact: a teacher whose logits are its output head
+applied to its last hidden states (checked on the first batch, kvd.head) has those hidden
+states [B, Tt, d] and its token alignment stored instead of aligned logits [B, Ts, V], and its
+head once in `heads.safetensors`; a cached step applies head and alignment. For SmolLM2 that is
+576 values a token instead of 49152.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import os
 import queue
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from kvd.diff import dotted_differences
 from kvd.errors import KvdError
+from kvd.head import OutputHead
 from kvd.targets import TeacherTargets
+from kvd.types import TokenAlignment
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
+HEADS = "heads.safetensors"
 
 
 def _step_file(root: Path, step: int) -> Path:
@@ -42,15 +52,23 @@ def pack(targets: dict[str, TeacherTargets], micro: int) -> dict[str, torch.Tens
             out[f"{base}/v/{j}"] = t.values[j]
         if t.logits is not None:
             out[f"{base}/logits"] = t.logits
+        if t.hidden is not None and t.alignment is not None:
+            out[f"{base}/hidden"] = t.hidden
+            out[f"{base}/align_index"] = t.alignment.index
+            out[f"{base}/align_weight"] = t.alignment.weight
         if t.ce is not None:
             out[f"{base}/ce"] = t.ce
     return {name: x.detach().contiguous().cpu() for name, x in out.items()}
 
 
 def unpack(
-    tensors: dict[str, torch.Tensor], micro: int, device: torch.device
+    tensors: dict[str, torch.Tensor],
+    micro: int,
+    device: torch.device,
+    heads: dict[str, OutputHead],
 ) -> dict[str, TeacherTargets]:
-    """The inverse of `pack` for one micro-batch."""
+    """The inverse of `pack` for one micro-batch; stored hidden states become aligned logits
+    through the teacher's head."""
     found: dict[str, dict[str, Any]] = {}
     for name, x in tensors.items():
         m, tid, *rest = name.split("/")
@@ -62,10 +80,14 @@ def unpack(
             entry[rest[0]][int(rest[1])] = x
         else:
             entry[rest[0]] = x
-    return {
-        tid: TeacherTargets(e["k"], e["v"], e["mask"], e.get("logits"), e.get("ce"))
-        for tid, e in found.items()
-    }
+    out = {}
+    for tid, e in found.items():
+        t = TeacherTargets(e["k"], e["v"], e["mask"], e.get("logits"), e.get("ce"))
+        if "hidden" in e:
+            alignment = TokenAlignment(e["align_index"], e["align_weight"], e["mask"])
+            t = replace(t, hidden=e["hidden"], alignment=alignment).with_logits(heads[tid])
+        out[tid] = t
+    return out
 
 
 class TeacherCache:
@@ -74,6 +96,7 @@ class TeacherCache:
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
         self.manifest = manifest
+        self._heads: dict[str, OutputHead] | None = None
 
     @property
     def steps(self) -> int:
@@ -115,7 +138,18 @@ class TeacherCache:
                 f"step {step + 1}",
                 hint="rebuild the cache with the run's training.max_steps",
             )
-        return unpack(load_file(_step_file(self.root, step)), micro, device)
+        return unpack(load_file(_step_file(self.root, step)), micro, device, self.heads(device))
+
+    def heads(self, device: torch.device) -> dict[str, OutputHead]:
+        """The output heads of teachers whose logits are stored as hidden states (loaded once)."""
+        if self._heads is None:
+            caps = self.manifest.get("heads", {})
+            tensors = load_file(self.root / HEADS) if caps else {}
+            self._heads = {
+                tid: OutputHead.from_tensors(tensors, tid, c["softcap"], device)
+                for tid, c in caps.items()
+            }
+        return self._heads
 
 
 def ensure_empty(root: Path) -> None:
@@ -171,14 +205,25 @@ class CacheWriter:
         if self._error is not None:
             raise self._error
 
-    def finish(self, steps: int, plans: dict[str, list[list[list[float]]]]) -> TeacherCache:
+    def finish(
+        self,
+        steps: int,
+        plans: dict[str, list[list[list[float]]]],
+        heads: dict[str, OutputHead],
+    ) -> TeacherCache:
+        """Wait for the step files, write the heads of `heads` (teachers whose logits are
+        stored as hidden states), then the manifest."""
         self._queue.put(None)
         self._thread.join()
         self._raise()
+        if heads:
+            tensors = {k: x.cpu() for tid, h in heads.items() for k, x in h.tensors(tid).items()}
+            save_file(tensors, self.root / HEADS)
         manifest = {
             "format": FORMAT,
             "steps": steps,
             "plans": plans,
+            "heads": {tid: {"softcap": h.softcap} for tid, h in heads.items()},
             "fingerprint": self.fingerprint,
         }
         tmp = self.root / (MANIFEST + ".tmp")

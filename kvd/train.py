@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from kvd.data.packing import BatchStream, DataState
 from kvd.distill import DistillModel
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
+from kvd.head import OutputHead
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
 from kvd.rundir import (
@@ -274,25 +275,56 @@ class Trainer:
         }
 
     def build_cache(self, writer: CacheWriter, progress: Progress) -> TeacherCache:
-        """Run the teachers over every batch of the run and store their targets."""
+        """Run the teachers over every batch of the run and store their targets; logits as
+        hidden states for the teachers whose head reproduces them exactly (kvd.head), checked
+        on the first batch against the teachers' own logits."""
         progress.start(self.spec.training.max_steps, 0)
+        heads: dict[str, OutputHead] = {}
+        for t in self.teachers:
+            head = OutputHead.of(t.loaded.model) if t.loaded is not None else None
+            if head is not None and t.id in self.logit_readers():
+                heads[t.id] = head
         for step in range(self.spec.training.max_steps):
             self.model.set_step(step)
             tensors: dict[str, torch.Tensor] = {}
             for micro in range(self.spec.training.grad_accum):
                 texts, _, s_batch = self.micro_batch()
-                tensors |= pack(self.targets(texts, s_batch), micro)
+                targets = self.targets(texts, s_batch, hidden_logits=set(heads))
+                if step == 0 and micro == 0:
+                    targets = self._check_heads(heads, targets, texts, s_batch)
+                tensors |= pack(targets, micro)
             writer.put(step, tensors)
             progress.update(step + 1, {"cache_mb": writer.bytes / 2**20})
         progress.stop()
         plans = {
             t.id: [[[j, w] for j, w in pairs] for pairs in t.plan.sources] for t in self.teachers
         }
-        return writer.finish(self.spec.training.max_steps, plans)
+        return writer.finish(self.spec.training.max_steps, plans, heads)
 
-    def targets(self, texts: list[str], student_batch: Any) -> dict[str, TeacherTargets]:
+    def _check_heads(
+        self,
+        heads: dict[str, OutputHead],
+        targets: dict[str, TeacherTargets],
+        texts: list[str],
+        student_batch: Any,
+    ) -> dict[str, TeacherTargets]:
+        """Keep in `heads` only the teachers whose stored hidden states give exactly their
+        aligned logits on this batch; the others' targets get their logits instead."""
+        plain = self.targets(texts, student_batch)
+        for tid in list(heads):
+            got, want = targets[tid], plain[tid].logits
+            computed = got.with_logits(heads[tid]).logits if got.hidden is not None else None
+            if computed is None or want is None or not torch.equal(computed, want):
+                del heads[tid]
+                targets[tid] = plain[tid]
+        return targets
+
+    def targets(
+        self, texts: list[str], student_batch: Any, hidden_logits: Iterable[str] = ()
+    ) -> dict[str, TeacherTargets]:
         """Targets of the teachers active in this stage; logits only for teachers a logit loss
-        reads (the LM head of a 262k vocabulary costs more than the rest of a small model)."""
+        reads (the LM head of a 262k vocabulary costs more than the rest of a small model),
+        as hidden states for the teachers in `hidden_logits` (the offline cache)."""
         active = set(self.model.stage.teachers)
         logit_readers = self.logit_readers()
         want_ce = self.model.fusion.needs_teacher_ce
@@ -310,6 +342,7 @@ class Trainer:
                     want_logits=t.id in logit_readers,
                     want_ce=want_ce,
                     device=self.rt.device,
+                    hidden_logits=t.id in hidden_logits,
                 )
         return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from kvd.cli.app import main
 from kvd.rundir import read_metrics
@@ -194,6 +195,14 @@ def test_offline_teacher_cache_gives_the_same_losses(
     assert main(["cache-teachers", str(spec)]) == 0
     assert (cache / "manifest.json").exists()
     assert len(list(cache.glob("step-*.safetensors"))) == 4
+    # qwen's logits are stored as its last hidden states (its head reproduced them exactly)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["heads"] == {"qwen": {"softcap": None}}
+    with safe_open(str(cache / "step-00000000.safetensors"), "pt") as f:
+        names = set(f.keys())
+        hidden, aligned = f.get_tensor("0/qwen/hidden"), f.get_tensor("0/qwen/align_index")
+    assert "0/qwen/logits" not in names and "0/qwen/ce" in names
+    assert hidden.dim() == 3 and aligned.shape[0] == hidden.shape[0]
     assert main(["train", str(spec)]) == 0
     a = [r for r in read_metrics(tmp_path / "online" / "metrics.jsonl") if "loss/total" in r]
     b = [r for r in read_metrics(tmp_path / "offline" / "metrics.jsonl") if "loss/total" in r]
@@ -260,6 +269,28 @@ def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
     assert all(r["skipped"] is False and r["grad_norm"] > 0 for r in records)
 
 
+def test_cache_keeps_logits_of_a_teacher_whose_head_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A head that does not give the teacher's logits bit for bit is not used: the cache
+    stores that teacher's aligned logits, as before."""
+    from kvd.head import OutputHead
+
+    real = OutputHead.__call__
+    monkeypatch.setattr(OutputHead, "__call__", lambda self, h: real(self, h) * 1.001)
+    data = tiny_spec(tmp_path / "run")
+    data["losses"].append({"name": "uld", "teachers": ["qwen"]})
+    data["training"]["teacher_cache"] = str(tmp_path / "cache")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["cache-teachers", str(spec)]) == 0
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["heads"] == {}
+    assert not (tmp_path / "cache" / "heads.safetensors").exists()
+    with safe_open(str(tmp_path / "cache" / "step-00000001.safetensors"), "pt") as f:
+        assert "0/qwen/logits" in set(f.keys())
+    assert main(["train", str(spec)]) == 0
+
+
 def test_cache_without_the_logits_a_loss_needs_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,6 +347,6 @@ def test_cache_writer_error_surfaces_and_leaves_no_manifest(
     with pytest.raises(OSError, match="No space"):
         for step in range(4):
             writer.put(step, {"a": torch.full((2,), float(step))})
-        writer.finish(4, {})
+        writer.finish(4, {}, {})
     assert not (tmp_path / "cache" / tc.MANIFEST).exists()
     assert (tmp_path / "cache" / "step-00000000.safetensors").exists()

@@ -1,0 +1,50 @@
+"""The output head as data (kvd.head): the logits of real transformers models from their last
+hidden states, soft-capping included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from kvd.capture import capture_kv
+from kvd.head import OutputHead
+
+SIZES = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        lambda: tf.LlamaConfig(**SIZES),
+        lambda: tf.Qwen2Config(**SIZES),  # q/k/v biases, untied head
+        lambda: tf.Gemma2Config(**SIZES, head_dim=8, final_logit_softcapping=3.0),
+    ],
+    ids=["llama", "qwen2", "gemma2-softcap"],
+)
+def test_head_reproduces_the_models_logits(config: object) -> None:
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config(), dtype=torch.bfloat16).eval()  # type: ignore[operator]
+    ids = torch.randint(0, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    with torch.no_grad():
+        both = capture_kv(model, ids, mask, layers=[], logits=True, hidden=True)
+        alone = capture_kv(model, ids, mask, layers=[], logits=False, hidden=True)
+    head = OutputHead.of(model)
+    assert head is not None and both.hidden is not None and both.logits is not None
+    assert alone.logits is None and alone.hidden is not None
+    assert torch.equal(alone.hidden, both.hidden)
+    assert head.reproduces(both.hidden, both.logits)
+    assert (head.softcap is not None) == (model.config.model_type == "gemma2")
+    if head.softcap is not None:  # the cap is part of the function: without it, other logits
+        assert not OutputHead(head.weight, head.bias, None).reproduces(both.hidden, both.logits)
+    again = OutputHead.from_tensors(head.tensors("t"), "t", head.softcap, torch.device("cpu"))
+    assert torch.equal(again(both.hidden), both.logits)
