@@ -107,6 +107,9 @@ class DistillModel(nn.Module):
         self.stage_fusions = nn.ModuleList(stage.fusion for stage in stages)
         self.loss_modules = nn.ModuleList(t.module for stage in stages for t in stage.losses)
         self.stage_index = 0
+        self.real_token_head = True
+        """Run the student's LM head on real tokens only (False: on every position, padding
+        included, as a plain transformers forward does; benchmarks/ measure both)."""
         projectors = {}
         for tid, shape in teacher_shapes.items():
             source, target = (
@@ -162,7 +165,7 @@ class DistillModel(nn.Module):
         """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
         need_kv = any(t.module.inputs in ("kv", "kv_raw") for t in self.loss_terms)
         mask = attention_mask.bool()
-        rows = mask.flatten().nonzero().squeeze(1)  # the LM head runs on real tokens only
+        rows = mask.flatten().nonzero().squeeze(1) if self.real_token_head else None
         cap = capture_kv(
             self.student,
             input_ids,
@@ -182,7 +185,7 @@ class DistillModel(nn.Module):
             if any(term is g for g in grouped):
                 continue
             if term.module.inputs in ("ce", "logits") and full is None:
-                full = unpack_rows(cap.logits, rows, mask.shape)
+                full = cap.logits if rows is None else unpack_rows(cap.logits, rows, mask.shape)
             if term.module.inputs == "ce":
                 assert full is not None
                 value = term.module(full, input_ids, mask)
@@ -198,7 +201,7 @@ class DistillModel(nn.Module):
     def _rowwise_terms(
         self,
         logits: Tensor,
-        rows: Tensor,
+        rows: Tensor | None,
         input_ids: Tensor,
         mask: Tensor,
         targets: dict[str, TeacherTargets],
@@ -206,7 +209,8 @@ class DistillModel(nn.Module):
     ) -> list[LossTerm]:
         """The terms on the student logits that are row-wise kernels (CE, logit KD), run as one
         group: one pass over the logits, one gradient buffer (kvd.losses.rowwise). logits [N, V]
-        are the student's at the flat positions `rows` [N] of input_ids and mask [B, Ts]. Adds
+        are the student's at the flat positions `rows` [N] of input_ids and mask [B, Ts]
+        ([B, Ts, V] when rows is None). Adds
         their weighted sum to out.total and their parts; returns the terms it handled."""
         found_rows: list[tuple[LossTerm, str | None, float, RowTerm]] = []
         handled: list[LossTerm] = []

@@ -106,5 +106,7 @@ def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: boo
         c, s = c / norm, -s / norm
     head = x[..., :rot].to(work)
     half = rot // 2
-    turned = head * c + torch.cat((-head[..., half:], head[..., :half]), dim=-1) * s
-    return torch.cat((turned.to(x.dtype), x[..., rot:]), dim=-1)
+    turned = (head * c + torch.cat((-head[..., half:], head[..., :half]), dim=-1) * s).to(x.dtype)
+    if rot == x.shape[-1]:
+        return turned
+    return torch.cat((turned, x[..., rot:]), dim=-1)

@@ -182,3 +182,45 @@ def test_seed_gqa_case_end_to_end() -> None:
     out = step(model, student, runtimes, rope)
     out.total.backward()
     assert torch.isfinite(out.total)
+
+
+def test_lm_head_on_real_tokens_only_changes_nothing() -> None:
+    """The student's LM head on the real tokens only (the default) gives the losses and the
+    gradients of the head on every position: row-wise terms (CE, logit KD) read the narrowed
+    logits, others (ULD) the [B, T, V] layout rebuilt from them."""
+    student = tiny(STUDENT, seed=3)
+    teachers = {"llama": tiny(LLAMA_TEACHER, seed=1), "qwen": tiny(QWEN_TEACHER, seed=2)}
+    losses = [("ce", {}), ("kv_mse", {}), ("uld", {}), ("logit_kd", {"temperature": 2.0})]
+    model, runtimes, rope = build(student, teachers, losses=losses)
+    model.loss_terms[3].teachers = ["llama"]  # logit_kd needs the student's vocabulary size
+    cls, cfg = component("aligners", "soft")
+    batch = tokenize(student.tokenizer, TEXTS)
+    assert not batch.attention_mask.all()  # the shorter text is padded
+    targets = {
+        tid: teacher_targets(
+            r,
+            TEXTS,
+            batch,
+            token_aligner=cls(cfg),
+            rope=rope,
+            want_logits=True,
+            want_ce=False,
+            device=torch.device("cpu"),
+        )
+        for tid, r in runtimes.items()
+    }
+    results = []
+    for real_only in (True, False):
+        model.real_token_head = real_only
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids, batch.attention_mask, targets, torch.tensor([0, 1]))
+        out.total.backward()
+        grads = [p.grad.clone() for p in student.model.parameters() if p.grad is not None]
+        results.append((out.parts, grads))
+    (parts, grads), (parts_all, grads_all) = results
+    assert parts.keys() == parts_all.keys() and "loss/logit_kd" in parts
+    for key, value in parts.items():
+        assert value == pytest.approx(parts_all[key], rel=1e-5, abs=1e-7), key
+    assert len(grads) == len(grads_all) > 0
+    for g, g_all in zip(grads, grads_all, strict=True):
+        torch.testing.assert_close(g, g_all, rtol=1e-4, atol=1e-6)
