@@ -15,8 +15,8 @@ recomputation records nothing. Reentrant checkpointing runs that first forward w
 which would hide the student's K/V from the loss: `capture_kv(grad=True)` refuses it.
 
 Memory: the forward runs with `use_cache=False`, so no DynamicCache is built; only the requested
-layers' K/V are kept (2 * B * H_kv * T * D per layer, made contiguous so they do not pin the
-fused qkv buffers they are views of), and under `grad=False` no activation graph. The logits
+layers' K/V are kept (2 * B * H_kv * T * D per layer; a view into a fused qkv buffer is copied
+so that it does not pin the queries), and under `grad=False` no activation graph. The logits
 [B, T, V] are returned in full and are usually the largest output (V = 262144 for Gemma 3).
 Sliding-window layers are recorded over all T positions, whereas a cache keeps only the window.
 """
@@ -151,6 +151,14 @@ class _Head:
             handle.remove()
 
 
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself when it spans its whole storage, else a compact copy: a view into a fused
+    qkv buffer (Phi3, GPT-NeoX) would keep the queries alive too."""
+    if x.untyped_storage().nbytes() <= x.numel() * x.element_size():
+        return x
+    return x.contiguous()
+
+
 def _check_layers(layers: list[int], count: int) -> list[int]:
     bad = [i for i in layers if not 0 <= i < count]
     if bad:
@@ -195,7 +203,7 @@ class _Recorder:
             if layer is not None:
                 if layer in self.kv:
                     raise RuntimeError(f"layer {layer} ran attention twice in one forward")
-                self.kv[layer] = (key.contiguous(), value.contiguous())
+                self.kv[layer] = (_own(key), _own(value))
             return kernel(module, query, key, value, *args, **kw)
 
         return attend

@@ -83,10 +83,12 @@ def teacher_targets(
     want_ce: bool,
     device: torch.device,
     hidden_logits: bool = False,
+    want_kv: bool = True,
 ) -> TeacherTargets:
     """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU).
-    hidden_logits: give wanted logits as hidden states and their alignment (the offline
-    cache's compact form; see TeacherTargets), the LM head skipped unless CE needs it."""
+    want_kv=False (no loss reads K/V) records, un-rotates and aligns none. hidden_logits: give
+    wanted logits as hidden states and their alignment (the offline cache's compact form; see
+    TeacherTargets), the LM head skipped unless CE needs it."""
     if teacher.loaded is None:
         raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
     batch = tokenize(
@@ -100,7 +102,7 @@ def teacher_targets(
         model,
         ids,
         mask,
-        layers=teacher.plan.teacher_layers,
+        layers=teacher.plan.teacher_layers if want_kv else [],
         logits=want_ce or (want_logits and not as_hidden),
         hidden=as_hidden,
     )
@@ -111,12 +113,13 @@ def teacher_targets(
     values = dict(zip(kv.layers, kv.values, strict=True))
     out_k: dict[int, torch.Tensor] = {}
     out_v: dict[int, torch.Tensor] = {}
-    for j, (k, v) in enumerate(
-        zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
-    ):
-        if k is not None and v is not None:
-            out_k[j] = alignment.gather(k)
-            out_v[j] = alignment.gather(v)
+    if want_kv:
+        for j, (k, v) in enumerate(
+            zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
+        ):
+            if k is not None and v is not None:
+                out_k[j] = alignment.gather(k)
+                out_v[j] = alignment.gather(v)
     logits = None
     if want_logits and not as_hidden and cap.logits is not None:
         logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)

@@ -234,18 +234,27 @@ class Trainer:
                 hint="rebuild it with `kvd cache-teachers SPEC`",
             )
         readers = self.logit_readers()
+        reads_kv = self.reads_kv()
         for tid in active:
             t = cached.get(tid)
-            lacks_logits = t is not None and tid in readers and t.logits is None
-            lacks_ce = t is not None and self.model.fusion.needs_teacher_ce and t.ce is None
-            if lacks_logits or lacks_ce:
+            lacks = None
+            if t is not None and tid in readers and t.logits is None:
+                lacks = "logits"
+            elif t is not None and self.model.fusion.needs_teacher_ce and t.ce is None:
+                lacks = "per-sequence CE"
+            elif t is not None and reads_kv and self.model.teacher_layers[tid] and not t.keys:
+                lacks = "K/V"
+            if lacks:
                 raise KvdError(
-                    f"training.teacher_cache {self.cache.root}: has no "
-                    f"{'logits' if lacks_logits else 'per-sequence CE'} of teacher {tid!r} "
+                    f"training.teacher_cache {self.cache.root}: has no {lacks} of teacher {tid!r} "
                     "(the losses or fusion changed since it was built)",
                     hint="rebuild it with `kvd cache-teachers SPEC`",
                 )
         return {tid: t for tid, t in cached.items() if tid in active}
+
+    def reads_kv(self) -> bool:
+        """Whether a loss of the current stage reads the teachers' K/V."""
+        return any(t.module.inputs in ("kv", "kv_raw") for t in self.model.loss_terms)
 
     def logit_readers(self) -> set[str]:
         """Teachers whose logits a loss of the current stage reads."""
@@ -328,6 +337,7 @@ class Trainer:
         active = set(self.model.stage.teachers)
         logit_readers = self.logit_readers()
         want_ce = self.model.fusion.needs_teacher_ce
+        want_kv = self.reads_kv()
         out = {}
         for t in self.teachers:
             if t.id not in active:
@@ -343,6 +353,7 @@ class Trainer:
                     want_ce=want_ce,
                     device=self.rt.device,
                     hidden_logits=t.id in hidden_logits,
+                    want_kv=want_kv,
                 )
         return out
 

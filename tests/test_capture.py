@@ -297,3 +297,13 @@ def test_logits_at_rows_only(arch: str) -> None:
     assert back.shape == (B, T, 64)
     torch.testing.assert_close(back[mask], full.logits[mask])
     assert not back[~mask].any()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gpt_neox"])
+def test_captured_kv_never_pins_a_larger_buffer(arch: str) -> None:
+    """K/V that are views into a fused qkv output (Phi3, GPT-NeoX) are copied out; tensors that
+    span their own storage are kept as they are (no copy)."""
+    ids, mask = batch()
+    got = capture_kv(tiny(arch), ids, mask)
+    for x in [*got.kv.keys, *got.kv.values]:
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from kvd.cli.app import main
 from kvd.rundir import read_metrics
+from kvd.runtime import setup_runtime
 from kvd.spec import parse_spec
 from kvd.train import train
 from tests.specs import tiny_spec
@@ -304,6 +305,31 @@ def test_cache_without_the_logits_a_loss_needs_is_refused(
     assert main(["train", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "has no logits of teacher 'llama'" in err and "Traceback" not in err
+
+
+def test_teachers_without_a_kv_loss_yield_no_kv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no loss reading K/V, teachers record and align none (the work is skipped), and a
+    cache built so is refused by a run that distils K/V."""
+    from kvd.train import Trainer
+
+    data = tiny_spec(tmp_path / "run")
+    data["losses"] = [{"name": "ce"}, {"name": "uld"}]
+    data["training"]["teacher_cache"] = str(tmp_path / "cache")
+    trainer = Trainer(parse_spec(data), tmp_path / "unused", setup_runtime("cpu"), Path("."))
+    texts, _, batch = trainer.micro_batch()
+    targets = trainer.targets(texts, batch)
+    assert set(targets) == {"llama", "qwen"}
+    assert all(not t.keys and not t.values and t.logits is not None for t in targets.values())
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["cache-teachers", str(spec)]) == 0
+    data["losses"].append({"name": "kv_mse"})
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "has no K/V of teacher" in err and "Traceback" not in err
 
 
 def test_grad_accum_and_max_tokens(tmp_path: Path) -> None:
