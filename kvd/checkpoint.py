@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kvd.errors import KvdError
@@ -85,8 +86,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().cpu().clone() for k, v in model.items()}, tmp / "model.safetensors")
+    tensors, aliases = _untie(model)
+    save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
     torch.save(optimizer, tmp / "optimizer.pt")
     torch.save([_rng_to_saveable(r) for r in rng], tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -101,6 +102,31 @@ def save_checkpoint(
     tmp.rename(final)
     _fsync(root)
     return CheckpointInfo(final, step)
+
+
+def _untie(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict with each tied tensor (one storage under several names, e.g. a student's
+    input and output embeddings) stored once: (tensors to write, alias name -> stored name).
+    Stored tensors are compact CPU copies (safetensors writes no shared storage)."""
+    stored: dict[tuple[Any, ...], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, x in model.items():
+        key = (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride())
+        if key in stored:
+            aliases[name] = stored[key]
+            continue
+        stored[key] = name
+        tensors[name] = x.detach().cpu().clone()
+    return tensors, aliases
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The inverse of `_untie` on a written file: every name, aliases sharing their tensor."""
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    return tensors | {alias: tensors[name] for alias, name in aliases.items()}
 
 
 def _rng_to_saveable(rng: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +195,7 @@ def _safe_load(path: Path) -> Any:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Weights, optimizer state, run state and per-rank RNG of a verified checkpoint."""
     return {
-        "model": load_file(path / "model.safetensors"),
+        "model": _load_weights(path / "model.safetensors"),
         "optimizer": _safe_load(path / "optimizer.pt"),
         "rng": [_rng_from_saved(r) for r in _safe_load(path / "rng.pt")],
         "state": json.loads((path / "state.json").read_text()),

@@ -246,3 +246,36 @@ def test_a_pickled_model_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "safetensors" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_tied_weights_are_stored_once_and_loaded_tied(tmp_path: Path) -> None:
+    """A student whose output embedding is its input embedding (tie_word_embeddings) has that
+    matrix written once; loading gives it back under both names and a resumed model stays
+    tied."""
+    import transformers as tf
+
+    from kvd.checkpoint import load_checkpoint, save_checkpoint
+
+    config = tf.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    model = tf.AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    info = save_checkpoint(tmp_path, 3, model=state, optimizer={}, state={}, rng=[])
+    stored = load_file(info.path / "model.safetensors")
+    assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored
+    assert verify(info.path) is None
+    loaded = load_checkpoint(info.path)["model"]
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    fresh = tf.AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)

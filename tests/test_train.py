@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from kvd.checkpoint import load_checkpoint
 from kvd.cli.app import main
 from kvd.rundir import read_metrics
 from kvd.runtime import setup_runtime
@@ -64,7 +65,6 @@ def test_run_dir_holds_everything(finished: Path) -> None:
 
 
 def test_student_reloads_with_identical_logits(finished: Path) -> None:
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(finished / "student").eval()
@@ -72,7 +72,7 @@ def test_student_reloads_with_identical_logits(finished: Path) -> None:
     ckpt = sorted((finished / "checkpoints").glob("step-*"))[-1]
     weights = {
         k.removeprefix("student."): v
-        for k, v in load_file(ckpt / "model.safetensors").items()
+        for k, v in load_checkpoint(ckpt)["model"].items()
         if k.startswith("student.")
     }
     from kvd.sources.tiny import random_model
