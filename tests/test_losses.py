@@ -429,3 +429,17 @@ def test_rowwise_group_on_logits_at_real_tokens_only(
     assert full.grad is not None and packed.grad is not None
     torch.testing.assert_close(packed.grad, full.grad.flatten(0, 1)[index])
     assert torch.isfinite(packed.grad).all()
+
+
+def test_softmax_lse_reads_the_first_column_and_falls_back_to_the_maximum() -> None:
+    """logsumexp from the softmax's first column; a chunk where that column is negligible
+    (far below the rest, or -inf) takes the row maximum instead. Both match torch."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 1000) * 4
+    for first in (None, -200.0, float("-inf")):
+        if first is not None:
+            x[2, 0] = first
+        out = torch.empty_like(x)
+        lse = rowwise.softmax_lse(x, out)
+        torch.testing.assert_close(lse, torch.logsumexp(x, -1))
+        torch.testing.assert_close(out, torch.softmax(x, -1))
