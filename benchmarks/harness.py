@@ -338,16 +338,18 @@ def write_section(path: Path, key: str, title: str, body: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def arguments(description: str) -> argparse.Namespace:
-    """The options every benchmark script takes."""
+def arguments(description: str, repeats: int = 8) -> argparse.Namespace:
+    """The options every benchmark script takes; `repeats` is the default of --repeats."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny models, 2 repeats: a CI-sized run")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help=f"timed repeats, median reported ({repeats})"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--results", type=Path, default=RESULTS, help="the results file to update")
     args = p.parse_args()
     if args.repeats is None:
-        args.repeats = 2 if args.smoke else 8
+        args.repeats = 2 if args.smoke else repeats
     return args
 
 

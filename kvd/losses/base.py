@@ -33,7 +33,13 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     Masked elements contribute nothing; with no valid element the result is 0, still attached
     to the graph.
     """
-    return keep(values, mask).sum() / mask.expand_as(values).sum().clamp_min(1)
+    return keep(values, mask).sum() / valid_count(mask, values)
+
+
+def valid_count(mask: Tensor, values: Tensor) -> Tensor:
+    """How many elements of `values` the broadcast `mask` keeps (at least 1): each element of
+    the mask stands for numel(values) / numel(mask) of them."""
+    return (mask.sum() * (values.numel() // max(mask.numel(), 1))).clamp_min(1)
 
 
 class Loss(nn.Module):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kvd.losses.base import Loss, LossInputs, keep, masked_mean
+from kvd.losses.base import Loss, LossInputs, keep, masked_mean, valid_count
 
 GUARD_EPS = 1e-6
 """Floor of sigma^2 relative to the target's mean square; `GUARD_EPS**2` is an absolute floor."""
@@ -39,11 +39,11 @@ GUARD_EPS = 1e-6
 def standardise(student: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Both [B, H, T, D] tensors centred by the target's per-feature mean and divided by its
     feature-averaged std, statistics over the tokens where mask [B, T] is True (masked tokens
-    must already be 0)."""
+    must already be 0, so sums over all tokens are sums over the valid ones)."""
     m = mask[:, None, :, None]
     mu = target.sum(dim=(0, 2), keepdim=True) / mask.sum().clamp_min(1)
     var = masked_mean((target - mu).square(), m)
-    floor = GUARD_EPS * masked_mean(target.square(), m).detach() + GUARD_EPS**2
+    floor = GUARD_EPS * (target.square().sum() / valid_count(m, target)).detach() + GUARD_EPS**2
     sigma = (var + floor).sqrt()
     return (student - mu) / sigma, (target - mu) / sigma
 
