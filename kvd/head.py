@@ -3,8 +3,8 @@
 The offline teacher cache stores a teacher's last hidden states [B, T, d] instead of its logits
 [B, T, V] (d = 384..2048 against V = 49152..262144: 30-600x fewer bytes) and this head once; a
 cached step applies the head to get the very logits the teacher's forward gives. Whether a
-model's logits are exactly this function of its hidden states is checked on real batches
-(`reproduces`), never assumed: a model that does more after its output embedding keeps
+model's logits are exactly this function of its hidden states is checked on a real batch
+(Trainer.build_cache), never assumed: a model that does more after its output embedding keeps
 storing logits.
 """
 
@@ -44,10 +44,6 @@ class OutputHead:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
-
-    def reproduces(self, hidden: Tensor, logits: Tensor) -> bool:
-        """Whether the head gives exactly `logits` from `hidden` (the model's own pair)."""
-        return torch.equal(self(hidden), logits)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         """The head as named tensors (`PREFIX/weight`, `PREFIX/bias`) for a safetensors file."""

@@ -125,6 +125,5 @@ def teacher_targets(
         logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
     ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
     valid = alignment.mask.to(device) & student.attention_mask.to(device)
-    if as_hidden:
-        return TeacherTargets(out_k, out_v, valid, None, ce, hidden=cap.hidden, alignment=alignment)
-    return TeacherTargets(out_k, out_v, valid, logits, ce)
+    kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
+    return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)

@@ -288,10 +288,11 @@ class Trainer:
         hidden states for the teachers whose head reproduces them exactly (kvd.head), checked
         on the first batch against the teachers' own logits."""
         progress.start(self.spec.training.max_steps, 0)
+        readers = self.logit_readers()
         heads: dict[str, OutputHead] = {}
         for t in self.teachers:
-            head = OutputHead.of(t.loaded.model) if t.loaded is not None else None
-            if head is not None and t.id in self.logit_readers():
+            head = OutputHead.of(t.loaded.model) if t.id in readers and t.loaded else None
+            if head is not None:
                 heads[t.id] = head
         for step in range(self.spec.training.max_steps):
             self.model.set_step(step)
