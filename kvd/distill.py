@@ -7,6 +7,7 @@ teachers' targets (see kvd.targets) and returns the weighted total loss with its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,8 @@ from kvd.align.rope import RopeAligner
 from kvd.capture import capture_kv, unpack_rows
 from kvd.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, fuse, fused_mask
-from kvd.losses.base import Loss
+from kvd.losses.base import Loss, masked_mean
+from kvd.losses.kv import KVLoss
 from kvd.losses.rowwise import RowTerm, rowwise_group
 from kvd.project.base import KVProjector, Projector
 from kvd.targets import TeacherTargets
@@ -61,16 +63,30 @@ def projector_key(teacher: str, layer: int) -> str:
 
 
 def kv_parts(
-    loss: Loss, keys: tuple[Tensor, Tensor], values: tuple[Tensor, Tensor], mask: Tensor
+    loss: Loss,
+    keys: tuple[Tensor, Tensor],
+    values: tuple[Tensor, Tensor],
+    mask: Tensor,
+    *,
+    per_position: bool = False,
 ) -> Tensor:
     """A KV loss on (student, target) keys and values: the mean of both, or only the part its
-    `parts` option names ("k" or "v"; losses without the option compare both)."""
+    `parts` option names ("k" or "v"; losses without the option compare both). per_position:
+    the KVLoss's loss per position [B, T] instead of the scalar."""
+    fn: Callable[[Tensor, Tensor, Tensor], Tensor] = loss
+    if per_position:
+        if not isinstance(loss, KVLoss):
+            raise PlanError(
+                f"{type(loss).__name__} gives no loss per position (subclass kvd.losses.KVLoss)",
+                hint="use fusion combine: targets with this loss",
+            )
+        fn = loss.per_position
     parts = getattr(loss, "parts", "kv")
     if parts == "k":
-        return loss(*keys, mask)
+        return fn(*keys, mask)
     if parts == "v":
-        return loss(*values, mask)
-    return 0.5 * (loss(*keys, mask) + loss(*values, mask))
+        return fn(*values, mask)
+    return 0.5 * (fn(*keys, mask) + fn(*values, mask))
 
 
 class DistillModel(nn.Module):
@@ -337,20 +353,50 @@ class DistillModel(nn.Module):
                     teacher_ce=ce,
                 )
             )
-            fmask = fused_mask(tmask)
-            value = (
-                kv_parts(
+            if self.fusion.combine == "losses":
+                value = self._fused_losses(
+                    term, j, (sk, tk), (sv, tv), tmask, routed.weights, targets, out
+                )
+            else:
+                value = kv_parts(
                     term.module,
                     (sk, fuse(tk, routed.weights)),
                     (sv, fuse(tv, routed.weights)),
-                    fmask,
+                    fused_mask(tmask),
                 )
-                + routed.aux_loss
-            )
+            value = value + routed.aux_loss
             out.parts[f"loss/{term.name}/L{j}"] = float(value.detach())
             out.routing[j] = routed.weights.detach()
             values.append(value)
         return torch.stack(values).mean()
+
+    def _fused_losses(
+        self,
+        term: LossTerm,
+        j: int,
+        keys: tuple[Tensor, Tensor],
+        values: tuple[Tensor, Tensor],
+        mask: Tensor,
+        weights: Tensor,
+        targets: dict[str, TeacherTargets],
+        out: StepOutput,
+    ) -> Tensor:
+        """Loss fusion at student layer j: each teacher's loss per position l_n [B, Ts] against
+        its own projected target (keys, values: student [B, Hs, Ts, Ds] and teachers
+        [N, B, Hs, Ts, Ds]; mask [N, B, Ts]), then sum_n a_n l_n with the routing weights
+        a [B, Ts, N], averaged over the positions where any teacher is valid."""
+        (sk, tk), (sv, tv) = keys, values
+        losses = []
+        for n, tid in enumerate(self.teacher_ids):
+            t = targets.get(tid)
+            if t is None or j not in t.keys:  # inactive, or not teaching layer j: weight 0
+                losses.append(weights.new_zeros(weights.shape[:2]))
+                continue
+            loss = kv_parts(term.module, (sk, tk[n]), (sv, tv[n]), mask[n], per_position=True)
+            out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(masked_mean(loss, mask[n]).detach())
+            losses.append(loss)
+        per = torch.stack(losses, dim=-1)  # [B, Ts, N]
+        return masked_mean((per * weights).sum(-1), fused_mask(mask))
 
     def _projected_targets(
         self, j: int, like: Tensor, targets: dict[str, TeacherTargets]

@@ -38,6 +38,7 @@ def build(
     *,
     projector: str = "head_dim_then_heads",
     fusion: str = "mean",
+    fusion_options: dict[str, Any] | None = None,
     losses: list[tuple[str, dict[str, Any]]] | None = None,
     rope: str = "unrotate",
     layers: str = "uniform",
@@ -60,7 +61,7 @@ def build(
     runtimes = {
         tid: TeacherRuntime(tid, 1.0, t, plan(t), add_bos=False) for tid, t in teachers.items()
     }
-    fusion_cls, fusion_cfg = component("fusions", fusion)
+    fusion_cls, fusion_cfg = component("fusions", fusion, **(fusion_options or {}))
     shape = KVShape(student.geometry.num_kv_heads, student.geometry.head_dim)
     n_layers = len({j for r in runtimes.values() for j in r.plan.student_layers})
     terms = []
@@ -224,3 +225,53 @@ def test_lm_head_on_real_tokens_only_changes_nothing() -> None:
     assert len(grads) == len(grads_all) > 0
     for g, g_all in zip(grads, grads_all, strict=True):
         torch.testing.assert_close(g, g_all, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["kv_mse", "mercator", "kv_smooth_l1"])
+def test_loss_fusion_of_one_teacher_is_target_fusion(loss: str) -> None:
+    """With one teacher, comparing with each teacher's target and weighting the losses is the
+    same as comparing with the (one-teacher) fused target."""
+    student = tiny(STUDENT, seed=3)
+    totals = []
+    for combine in ("targets", "losses"):
+        torch.manual_seed(0)
+        model, runtimes, rope = build(
+            student,
+            {"qwen": tiny(QWEN_TEACHER, seed=2)},
+            fusion_options={"combine": combine},
+            losses=[(loss, {})],
+        )
+        totals.append(step(model, student, runtimes, rope).total)
+    torch.testing.assert_close(totals[0], totals[1])
+
+
+def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
+    """Two teachers whose projected K/V differ in scale by orders of magnitude (SmolLM2 vs
+    Gemma-3 in the quickstart): loss fusion is the mean of each teacher's own guarded loss, so
+    teacher A's term does not change when B's targets grow; under target fusion A's signal is
+    lost in the fused target (the loss hardly changes when A's target is zeroed)."""
+    student = tiny(STUDENT, seed=3)
+    teachers = {"llama": tiny(LLAMA_TEACHER, seed=1), "qwen": tiny(QWEN_TEACHER, seed=2)}
+
+    def run(combine: str, scale: float, drop_llama: bool = False) -> Any:
+        torch.manual_seed(0)
+        model, runtimes, rope = build(student, teachers, fusion_options={"combine": combine})
+        with torch.no_grad():
+            for name, p in model.projectors.named_parameters():
+                if name.startswith("qwen") and p.dim() > 1:
+                    p.mul_(scale)
+                if name.startswith("llama") and drop_llama:
+                    p.zero_()
+        return step(model, student, runtimes, rope).parts
+
+    small, large = run("losses", 1.0), run("losses", 300.0)
+    for j in (0, 1):
+        parts = [small[f"loss/kv_mse/{t}/L{j}"] for t in teachers]
+        assert small[f"loss/kv_mse/L{j}"] == pytest.approx(sum(parts) / 2, rel=1e-5)
+        assert large[f"loss/kv_mse/llama/L{j}"] == pytest.approx(
+            small[f"loss/kv_mse/llama/L{j}"], rel=1e-5
+        )
+    for scale, lost in ((1.0, False), (300.0, True)):
+        with_a = run("targets", scale)["loss/kv_mse"]
+        without_a = run("targets", scale, drop_llama=True)["loss/kv_mse"]
+        assert (abs(with_a - without_a) < 1e-3 * with_a) == lost

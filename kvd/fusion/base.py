@@ -6,7 +6,7 @@ Shapes: N teachers, B batch, H KV heads, T student positions, D head_dim of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +105,12 @@ class Fusion(nn.Module):
     """Whether `FusionInput.teacher_ce` must be given (the trainer then computes teacher logits)."""
 
     class Config(ComponentConfig):
-        """No options."""
+        """combine: "targets" compares the student with one fused target, sum_i a_i KV_i;
+        "losses" compares it with each teacher's projected K/V on its own (each under its own
+        guard statistics, so teachers on different scales weigh alike) and sums the per-position
+        losses weighted by a_i."""
+
+        combine: Literal["targets", "losses"] = "targets"
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class Fusion(nn.Module):
         self.n_layers = n_layers
         self.kv_dim = kv_dim
         self.n_tasks = n_tasks
+        self.combine = config.combine
 
     def forward(self, inp: FusionInput) -> FusionOutput:
         raise NotImplementedError

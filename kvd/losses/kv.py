@@ -50,7 +50,8 @@ def standardise(student: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, 
 
 class KVLoss(Loss):
     """Base of the KV losses: `forward(student, target, mask) -> scalar`, mean over valid
-    positions (and heads, features); the guard is applied first."""
+    positions (and heads, features); the guard is applied first. `per_position` gives the same
+    loss before the mean over positions, [B, T], for weighting positions (loss fusion)."""
 
     inputs: ClassVar[LossInputs] = "kv"
 
@@ -68,6 +69,11 @@ class KVLoss(Loss):
         self.parts = config.parts
 
     def forward(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return masked_mean(self.per_position(student, target, mask), mask)
+
+    def per_position(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """The loss at each position [B, T] (mean over heads and features) of [B, H, T, D]
+        tensors, guard statistics over the valid positions of mask [B, T]."""
         m = mask[:, None, :, None]
         student, target = keep(student, m), keep(target, m)
         if self.guard == "variance":
@@ -75,7 +81,8 @@ class KVLoss(Loss):
         return self.compare(student, target, mask)
 
     def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        """The loss on (possibly standardised) [B, H, T, D] tensors."""
+        """The loss per position [B, T] on (possibly standardised) [B, H, T, D] tensors; values
+        at masked positions are ignored."""
         raise NotImplementedError
 
 
@@ -83,7 +90,7 @@ class KVMSELoss(KVLoss):
     """Mean squared error over valid positions, heads and features."""
 
     def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        return masked_mean((student - target).square(), mask[:, None, :, None])
+        return (student - target).square().mean(dim=(1, 3))
 
 
 class KVSmoothL1Loss(KVLoss):
@@ -101,7 +108,7 @@ class KVSmoothL1Loss(KVLoss):
 
     def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         loss = F.smooth_l1_loss(student, target, reduction="none", beta=self.beta)
-        return masked_mean(loss, mask[:, None, :, None])
+        return loss.mean(dim=(1, 3))
 
 
 class MercatorLoss(KVLoss):
@@ -128,4 +135,4 @@ class MercatorLoss(KVLoss):
             student.square().sum(-1).add(tiny).log() - target.square().sum(-1).add(tiny).log()
         )
         loss = angle.sum(-1) + self.beta * log_ratio.square()  # [B, H, T]
-        return masked_mean(loss, mask[:, None, :])
+        return loss.mean(dim=1)
