@@ -34,7 +34,7 @@ from kvd.build import uses_teachers
 from kvd.component import config_class
 from kvd.data import read_manifest
 from kvd.errors import KvdError, SpecError
-from kvd.rundir import holds_run
+from kvd.rundir import code_version, holds_run
 from kvd.spec import RunSpec, apply_overrides, parse_spec, pydantic_problems, read_yaml
 
 BASELINE = "ce_only"
@@ -379,7 +379,39 @@ def describe(p: Plan) -> dict[str, Any]:
         "tokens": tokens,
         "equal_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "runs_dir": str(p.runs_dir),
+        "code": run_code_versions(p),
+        "report_code": code_version(),
     }
+
+
+def run_code_versions(p: Plan) -> dict[str, list[str]]:
+    """The code version each run trained on (from its environment.json) -> the runs' dirs:
+    `<commit>` or `<commit> (dirty)`, `unknown` when not recorded (not a git checkout)."""
+    out: dict[str, list[str]] = {}
+    for run in p.runs:
+        env = json.loads((run.dir / "environment.json").read_text(encoding="utf-8"))
+        out.setdefault(version_label(env.get("code")), []).append(str(run.dir))
+    return out
+
+
+def version_label(code: dict[str, Any] | None) -> str:
+    if code is None:
+        return "unknown"
+    return code["commit"][:12] + (" (dirty)" if code["dirty"] else "")
+
+
+def code_line(facts: dict[str, Any]) -> str:
+    """Which code the runs trained on and which wrote the report (evaluation included)."""
+    versions = facts["code"]
+    report = version_label(facts["report_code"])
+    if len(versions) == 1:
+        (label,) = versions
+        return f"Code: every run trained on kvd `{label}`; this report was written by `{report}`."
+    shown = "; ".join(f"`{v}`: {len(dirs)} runs" for v, dirs in versions.items())
+    return (
+        f"Code: **the runs trained on {len(versions)} versions of kvd** ({shown}; the run "
+        f"dirs are listed in compare.json); this report was written by `{report}`."
+    )
 
 
 def intro(facts: dict[str, Any]) -> str:
@@ -396,6 +428,8 @@ def intro(facts: dict[str, Any]) -> str:
         f"student tokens on one split (split.json digest `{facts['split_digest'][:16]}`, checked "
         f"for every run); tokens per run, seed by seed, are {same}. "
         f"Runs: `{facts['runs_dir']}/GROUP/seedN`.",
+        "",
+        code_line(facts),
         "",
         "| group | `--set` overrides of the base spec | tokens per run (by seed) |",
         "|---|---|---|",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,28 @@ def environment() -> dict[str, Any]:
         or ["cpu"],
         "threads": torch.get_num_threads(),
         "plugins": {name: f"{i.package} {i.version}" for name, i in sorted(plugins.info.items())},
+        "code": code_version(),
     }
+
+
+def code_version() -> dict[str, Any] | None:
+    """The git commit kvd's source is loaded from and whether tracked files differ from it
+    ({"commit": sha, "dirty": bool}); None when kvd does not run from a git checkout."""
+    root = Path(kvd.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
 
 
 def write_environment(path: Path) -> None:

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-from kvd.ab import plan
+from kvd.ab import plan, version_label
 from kvd.build import load_model
 from kvd.cli.app import main
 from kvd.data import SplitManifest, write_manifest
 from kvd.distill import kv_parts
 from kvd.losses.kv import KVMSELoss
-from kvd.rundir import read_metrics
+from kvd.rundir import code_version, read_metrics
 from kvd.spec import parse_spec
 from kvd.tokenize import tokenize
 from tests.specs import tiny_spec
@@ -90,6 +90,8 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     assert paired["multi"]["unit"] == "bits/byte" and paired["multi"]["texts"] == 6
     text = (report / "report.md").read_text()
     assert "kvd ab: exp" in text and "`--set` overrides" in text and "routing_multi.png" in text
+    here = version_label(code_version())  # the code every run trained on, commit and dirty
+    assert list(facts["code"]) == [here] and f"every run trained on kvd `{here}`" in text
 
 
 def test_rerun_resumes_only_the_unfinished_run(
