@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from kvd.errors import PlanError
 from kvd.losses import Loss, masked_mean, rowwise
+from kvd.losses.base import keep
 from kvd.manager import load_plugins
 from kvd.nll import next_token_nll
 from kvd.types import KVShape
@@ -46,7 +47,7 @@ def test_all_losses_registered_with_their_inputs() -> None:
     }
 
 
-@pytest.mark.parametrize("guard", ["none", "variance"])
+@pytest.mark.parametrize("guard", ["none", "variance", "centred"])
 @pytest.mark.parametrize("name", KV_LOSSES)
 def test_kv_losses_zero_for_identical_and_mask_exact(name: str, guard: str) -> None:
     loss = build(name, guard=guard)
@@ -78,6 +79,26 @@ def test_kv_mse_values() -> None:
     assert build("kv_mse")(s, t, mask).item() == pytest.approx(5.0, rel=1e-5)
     assert build("kv_mse")(2 * s, 2 * t, mask).item() == pytest.approx(5.0, rel=1e-5)
     assert build("kv_mse", guard="none")(s, t, torch.tensor([[True, False]])).item() == 1.0
+
+
+@pytest.mark.parametrize("name", KV_LOSSES)
+def test_centred_guard_ignores_constant_offsets_per_feature(name: str) -> None:
+    """Qwen2's keys carry a large constant per feature (the k_proj bias): under guard "centred"
+    an offset on either side changes nothing; under "variance" the student must reproduce the
+    target's. Without offsets the two guards agree when the student's mean is the target's."""
+    torch.manual_seed(0)
+    s, t, mask = torch.randn(B, H, T, D), torch.randn(B, H, T, D), some_mask()
+    offset = 50 * torch.randn(1, H, 1, D)
+    centred, variance = build(name, guard="centred"), build(name, guard="variance")
+    base = centred(s, t, mask)
+    # up to the guard's floor on sigma^2, 1e-6 of the target's mean square (offset included)
+    torch.testing.assert_close(centred(s, t + offset, mask), base, rtol=1e-2, atol=0)
+    torch.testing.assert_close(centred(s - offset, t, mask), base, rtol=1e-5, atol=1e-6)
+    assert variance(s, t + offset, mask) > 2 * variance(s, t, mask)
+    m = mask[:, None, :, None]
+    mean = lambda x: keep(x, m).sum(dim=(0, 2), keepdim=True) / mask.sum()  # noqa: E731
+    same_mean = s - mean(s) + mean(t)
+    torch.testing.assert_close(centred(same_mean, t, mask), variance(same_mean, t, mask))
 
 
 def test_mercator_terms() -> None:
@@ -144,9 +165,12 @@ def test_without_guard_a_learned_target_collapses() -> None:
     assert run["last_var_fraction"] < 0.02  # ... because the target shrank to a constant
 
 
+@pytest.mark.parametrize("guard", ["variance", "centred"])
 @pytest.mark.parametrize("name", KV_LOSSES)
-def test_variance_guard_keeps_the_target_spread_while_the_loss_decreases(name: str) -> None:
-    run = collapse_run("variance", name)
+def test_variance_guard_keeps_the_target_spread_while_the_loss_decreases(
+    name: str, guard: str
+) -> None:
+    run = collapse_run(guard, name)
     # the target starts at ~1/2 of the teacher's variance (group mean of 2 random heads)
     assert run["min_var_fraction"] >= 0.25
     assert run["last_loss"] < 0.3 * run["first_loss"]

@@ -13,6 +13,11 @@ invariant to rescaling both sides together, and a target with little spread is e
 than free: shrinking gains nothing, and a constant target drives sigma to 0 and the loss up.
 The joint scale is left to the student, whose KV its own forward pass (and CE) anchors; with both
 sides free (tests/test_losses.py) the target's variance drifts up, never toward 0.
+`guard="centred"` centres the student by its own per-feature mean instead of the target's: a
+constant per-feature offset on either side then costs nothing. Qwen2's keys carry large ones
+(the k_proj bias: squared mean up to ~2400x the variance per feature), which under "variance"
+the student must first reproduce; for keys such an offset c is meaningless to attention, since
+q.(k + c) shifts every score of one query alike and the softmax ignores it.
 For MSE this is the error relative to the target's variance (0 = exact, ~1 = no better than the
 target's mean); for `mercator` only the centring matters (so a shared constant vector cannot
 score cos = 1). The statistics need a batch of several valid tokens.
@@ -36,16 +41,21 @@ GUARD_EPS = 1e-6
 """Floor of sigma^2 relative to the target's mean square; `GUARD_EPS**2` is an absolute floor."""
 
 
-def standardise(student: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Both [B, H, T, D] tensors centred by the target's per-feature mean and divided by its
-    feature-averaged std, statistics over the tokens where mask [B, T] is True (masked tokens
-    must already be 0, so sums over all tokens are sums over the valid ones)."""
+def standardise(
+    student: Tensor, target: Tensor, mask: Tensor, *, centre_student: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Both [B, H, T, D] tensors centred by the target's per-feature mean (the student by its
+    own with centre_student) and divided by the target's feature-averaged std, statistics over
+    the tokens where mask [B, T] is True (masked tokens must already be 0, so sums over all
+    tokens are sums over the valid ones)."""
     m = mask[:, None, :, None]
-    mu = target.sum(dim=(0, 2), keepdim=True) / mask.sum().clamp_min(1)
+    count = mask.sum().clamp_min(1)
+    mu = target.sum(dim=(0, 2), keepdim=True) / count
     var = masked_mean((target - mu).square(), m)
     floor = GUARD_EPS * (target.square().sum() / valid_count(m, target)).detach() + GUARD_EPS**2
     sigma = (var + floor).sqrt()
-    return (student - mu) / sigma, (target - mu) / sigma
+    mu_s = student.sum(dim=(0, 2), keepdim=True) / count if centre_student else mu
+    return (student - mu_s) / sigma, (target - mu) / sigma
 
 
 class KVLoss(Loss):
@@ -57,10 +67,12 @@ class KVLoss(Loss):
 
     class Config(Loss.Config):
         """guard: "variance" standardises both sides by the target's statistics (see module
-        docstring); "none" compares the raw tensors. parts: "kv" averages the K and V losses,
+        docstring); "centred" does the same but centres each side by its own per-feature mean,
+        so constant per-feature offsets on either side cost nothing; "none" compares the raw
+        tensors. parts: "kv" averages the K and V losses,
         "k" or "v" compares only one of them (the K-only / V-only ablation of `kvd ab`)."""
 
-        guard: Literal["none", "variance"] = "variance"
+        guard: Literal["none", "variance", "centred"] = "variance"
         parts: Literal["kv", "k", "v"] = "kv"
 
     def __init__(self, config: Config) -> None:
@@ -76,8 +88,10 @@ class KVLoss(Loss):
         tensors, guard statistics over the valid positions of mask [B, T]."""
         m = mask[:, None, :, None]
         student, target = keep(student, m), keep(target, m)
-        if self.guard == "variance":
-            student, target = standardise(student, target, mask)
+        if self.guard != "none":
+            student, target = standardise(
+                student, target, mask, centre_student=self.guard == "centred"
+            )
         return self.compare(student, target, mask)
 
     def compare(self, student: Tensor, target: Tensor, mask: Tensor) -> Tensor:
