@@ -272,6 +272,8 @@ def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
             small[f"loss/kv_mse/llama/L{j}"], rel=1e-5
         )
     for scale, lost in ((1.0, False), (300.0, True)):
-        with_a = run("targets", scale)["loss/kv_mse"]
+        parts = run("targets", scale)
+        assert parts["loss/kv_mse/llama/L0"] == pytest.approx(small["loss/kv_mse/llama/L0"])
+        with_a = parts["loss/kv_mse"]
         without_a = run("targets", scale, drop_llama=True)["loss/kv_mse"]
         assert (abs(with_a - without_a) < 1e-3 * with_a) == lost
