@@ -21,6 +21,7 @@ import json
 import os
 import shlex
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,12 @@ class Experiment(BaseModel):
     controls: list[str] = Field(default_factory=list)
     ablations: list[str] = Field(default_factory=list)
     custom: dict[str, CustomGroup] = Field(default_factory=dict)
+    references: list[str] = Field(default_factory=list)
+    """Groups to compare every other group against too, besides the CE-only baseline (e.g. the
+    best single teacher): one more report each, in REPORT/vs_GROUP/."""
+    tolerance: float = Field(0.0, ge=0)
+    """A same-seed rerun (`kvd ab EXPERIMENT --rerun GROUP:SEED`) must reproduce a run's metrics
+    within this absolute or relative difference (0: bit for bit)."""
     teacher_cache: bool = False
     evaluate: bool = True
     evaluate_teachers: bool = False
@@ -121,6 +128,12 @@ def group_overrides(exp: Experiment, base: dict[str, Any], spec: RunSpec) -> dic
             f"unknown group(s) {', '.join(map(repr, unknown))}",
             hint=f"known here: {', '.join(known)}, single, leave_one_out; or define it under "
             "custom: with its --set overrides",
+        )
+    missing = [r for r in exp.references if r not in [*names, *exp.custom]]
+    if missing:
+        raise KvdError(
+            f"references {', '.join(map(repr, missing))} name no group of the experiment",
+            hint="list the group under groups (or custom) too",
         )
     clash = sorted(set(exp.custom) & set(table))
     if clash:
@@ -354,7 +367,49 @@ def report(p: Plan, teacher_files: list[Path], console: Console) -> Path:
         extra={"experiment": facts},
     )
     console.print(f"report: {path}", markup=False)
+    for ref in p.experiment.references:
+        ordered = sorted(groups, key=lambda g: g.label != ref)  # the reference first
+        other = write_report(
+            ordered,
+            compare_groups(ordered),
+            p.report_dir / f"vs_{ref}",
+            title=f"kvd ab: {p.experiment.name}, against {ref}",
+            intro=intro(facts),
+            extra={"experiment": facts},
+        )
+        console.print(f"report against {ref}: {other}", markup=False)
     return path
+
+
+def rerun(p: Plan, which: str, console: Console) -> list[str]:
+    """Train and evaluate run GROUP:SEED again in a new dir under RUNS/reruns/ and return where
+    its metrics differ from the finished run's beyond the experiment's tolerance."""
+    from kvd.compare import differences
+    from kvd.measure import EvalOptions, run_eval
+    from kvd.runs import load_run
+    from kvd.train import train
+
+    group, _, seed = which.partition(":")
+    found = [r for r in p.runs if r.group == group and str(r.seed) == seed]
+    if not found:
+        known = ", ".join(f"{r.group}:{r.seed}" for r in p.runs)
+        raise KvdError(f"--rerun {which}: no such run in {p.path}", hint=f"one of {known}")
+    run = found[0]
+    if not (run.dir / "results.json").is_file():
+        raise KvdError(f"--rerun {which}: {run.dir} has not finished", hint=f"kvd ab {p.path}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = p.runs_dir / "reruns" / f"{group}-seed{seed}-{stamp}"
+    data = apply_overrides(copy.deepcopy(run.data), [setting("output.dir", str(target))])
+    spec = _parse(data, p.path, group, run.seed, p.base_path)
+    console.print(f"rerunning {which} into {target}", markup=False)
+    base_dir = p.base_path.parent
+    train(spec, data, base_dir=base_dir, resume=False)
+    if (run.dir / "eval" / "validation.json").is_file():
+        options = EvalOptions(
+            max_texts=p.experiment.eval_max_texts, base_dir=base_dir, device=spec.training.device
+        )
+        run_eval(str(target), options=options)
+    return differences([load_run(run.dir), load_run(target)], p.experiment.tolerance)
 
 
 def describe(p: Plan) -> dict[str, Any]:

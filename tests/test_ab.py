@@ -63,7 +63,8 @@ def experiment(tmp: Path, name: str = "exp", **changes: Any) -> Path:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart experiment on tiny models, run once."""
     tmp = tmp_path_factory.mktemp("ab")
-    assert main(["ab", str(experiment(tmp)), "--min-seeds", "2"]) == 0
+    exp = experiment(tmp, references=["single_smollm2"], tolerance=1e-9)
+    assert main(["ab", str(exp), "--min-seeds", "2"]) == 0
     return tmp
 
 
@@ -90,6 +91,9 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     assert paired["multi"]["unit"] == "bits/byte" and paired["multi"]["texts"] == 6
     text = (report / "report.md").read_text()
     assert "kvd ab: exp" in text and "`--set` overrides" in text and "routing_multi.png" in text
+    against = json.loads((report / "vs_single_smollm2" / "compare.json").read_text())
+    assert [g["label"] for g in against["groups"]][:3] == ["single_smollm2", "ce_only", "multi"]
+    assert {r["group"] for r in against["paired"]} >= {"ce_only", "multi"}
     here = version_label(code_version())  # the code every run trained on, commit and dirty
     assert list(facts["code"]) == [here] and f"every run trained on kvd `{here}`" in text
 
@@ -267,3 +271,29 @@ def test_bad_input_exits_2(
         assert "the groups must share one split" in err and "Traceback" not in err
     finally:
         split.write_text(saved)
+
+
+def test_a_same_seed_rerun_reproduces_the_run_within_the_tolerance(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvd ab EXP --rerun GROUP:SEED` trains the run again in a new dir (the finished one is
+    not touched) and compares every metric; a changed metric is found (exit 1)."""
+    import json
+
+    exp = str(finished / "exp.yaml")
+    results = finished / "runs" / "multi" / "seed0" / "results.json"
+    original = results.read_text()
+    assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:0"]) == 0
+    assert "multi:0: reproduced within tolerance 1e-09" in capsys.readouterr().out
+    assert results.read_text() == original
+    (rerun,) = (finished / "runs" / "reruns").iterdir()
+    assert rerun.name.startswith("multi-seed0-") and (rerun / "eval" / "validation.json").exists()
+    data = json.loads(original)
+    data["validation"]["bits_per_byte"] *= 1.001
+    try:
+        results.write_text(json.dumps(data))
+        assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:0"]) == 1
+        assert "bits_per_byte" in capsys.readouterr().out
+    finally:
+        results.write_text(original)
+    assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:7"]) == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from kvd.ab import execute, plan, plan_lines
+from kvd.ab import execute, plan, plan_lines, rerun
 from kvd.errors import KvdError
 from kvd.report import terminal
 
@@ -22,6 +22,13 @@ def ab_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the groups, their overrides and run dirs; train nothing."
     ),
+    rerun_run: str | None = typer.Option(
+        None,
+        "--rerun",
+        metavar="GROUP:SEED",
+        help="Train a finished run again in a new dir and check that its metrics match within "
+        "the experiment's tolerance (exit 1 where they do not).",
+    ),
 ) -> None:
     """Run a rigorous comparison grid (resumable) and write its `kvd compare` report."""
     if not experiment.is_file():
@@ -33,6 +40,16 @@ def ab_command(
     if dry_run:
         for line in plan_lines(p):
             console.print(line, markup=False, soft_wrap=True)
+        return
+    if rerun_run is not None:
+        found = rerun(p, rerun_run, console)
+        for line in found[:20]:
+            console.print(line, markup=False)
+        tol = p.experiment.tolerance
+        if found:
+            console.print(f"{len(found)} difference(s) beyond tolerance {tol}", markup=False)
+            raise typer.Exit(1)
+        console.print(f"{rerun_run}: reproduced within tolerance {tol}", markup=False)
         return
     execute(p, console)
 
