@@ -52,7 +52,7 @@ class Experiment(BaseModel):
     """An experiment file. Paths: `base` and `report` relative to the experiment file's folder,
     `runs` relative to the working directory (like output.dir)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = ""
     base: str
     seeds: list[int] = Field(min_length=1)

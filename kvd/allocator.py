@@ -50,7 +50,14 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
 
 def reexec_with_mimalloc(argv: list[str], module: str = "kvd.cli") -> None:
     """Replace this process by `python -m MODULE ARGV` with mimalloc preloaded, when
-    `preload_env` adds it; otherwise return and change nothing."""
+    `preload_env` adds it; otherwise return and change nothing.
+
+    The new process imports the kvd this one runs, wherever it is started: `-P` keeps the
+    working directory off the import path (a folder named kvd/ there, as in the parent of a
+    clone, would shadow it) and the folder holding this kvd goes first on PYTHONPATH."""
     env = preload_env(dict(os.environ))
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD"):
-        os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+        root = str(Path(__file__).resolve().parent.parent)
+        old = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = f"{root}{os.pathsep}{old}" if old else root
+        os.execve(sys.executable, [sys.executable, "-P", "-m", module, *argv], env)

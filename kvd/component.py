@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class ComponentConfig(BaseModel):
-    """Base of every component's options: unknown keys are errors, values are immutable."""
+    """Base of every component's options: unknown keys are errors, values are immutable, and
+    numbers are finite (inf and NaN are errors)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def config_class(component: Any) -> type[ComponentConfig]:

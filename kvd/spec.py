@@ -31,7 +31,7 @@ from kvd.models import ModelSource
 class Strict(BaseModel):
     """A spec section with a fixed set of keys."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ComponentRef(BaseModel):

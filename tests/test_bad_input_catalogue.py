@@ -97,6 +97,14 @@ CASES: dict[str, Case] = {
     "spec_unknown_key": Case(edited(setting("trainin", {})), "trainin"),
     "spec_wrong_type": Case(edited(setting("training.max_steps", "ten")), "training.max_steps"),
     "spec_empty_teachers": Case(edited(setting("teachers", [])), "teachers"),
+    "spec_infinite_lr": Case(edited(setting("training.lr", float("inf")), "train"), "training.lr"),
+    "spec_nan_loss_weight": Case(
+        edited(setting("losses", [{"name": "ce", "weight": float("nan")}])), "losses.0.weight"
+    ),
+    "spec_infinite_component_option": Case(
+        edited(setting("fusion", {"name": "learnable", "entropy_weight": float("inf")})),
+        "fusion.entropy_weight",
+    ),
     "spec_unknown_fusion": Case(edited(setting("fusion", {"name": "meen"})), "did you mean 'mean'"),
     "spec_bad_option": Case(
         edited(setting("fusion", {"name": "mean", "temperature": 2})), "fusion.temperature"
@@ -290,3 +298,21 @@ def test_bad_input(
     assert case.expect in err, err
     assert "Traceback" not in err
     assert tree(tmp_path) == before
+
+
+def test_kvd_started_beside_a_kvd_folder_runs_the_installed_kvd(tmp_path: Path) -> None:
+    """The parent of a clone holds a folder kvd/: the `kvd` command (which re-executes itself
+    with mimalloc preloaded) must still import the kvd it was installed from."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "kvd").mkdir()
+    (tmp_path / "kvd" / "__init__.py").write_text('raise SystemExit("the wrong kvd")\n')
+    command = Path(sys.executable).parent / "kvd"
+    env = {k: v for k, v in os.environ.items() if k not in ("KVD_ALLOCATOR", "LD_PRELOAD")}
+    done = subprocess.run(
+        [str(command), "plugins"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "the wrong kvd" not in done.stderr and "mean" in done.stdout
