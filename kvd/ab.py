@@ -35,6 +35,7 @@ from kvd.build import uses_teachers
 from kvd.component import config_class
 from kvd.data import read_manifest
 from kvd.errors import KvdError, SpecError
+from kvd.names import checked_name
 from kvd.rundir import code_version, holds_run
 from kvd.spec import RunSpec, apply_overrides, parse_spec, pydantic_problems, read_yaml
 
@@ -74,6 +75,11 @@ class Experiment(BaseModel):
     evaluate: bool = True
     evaluate_teachers: bool = False
     eval_max_texts: int | None = Field(None, ge=2)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, name: str) -> str:
+        return checked_name(name) if name else name
 
     @field_validator("seeds")
     @classmethod

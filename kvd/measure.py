@@ -23,6 +23,7 @@ from kvd.errors import KvdError
 from kvd.eval_texts import EvalTexts, is_run_dir, resolve_texts, run_spec
 from kvd.evaluate import evaluate_lm, span_bytes
 from kvd.models import LoadedModel
+from kvd.names import name_problem
 from kvd.spec import load_spec
 from kvd.tokenize import tokenize
 
@@ -206,6 +207,8 @@ def run_eval(
 ) -> tuple[dict[str, Any], Path | None]:
     """Evaluate `target` and save the report: to `out`, else RUN/eval/NAME.json for a run dir
     (NAME from the data, `teacher-ID-` in front for a teacher); returns it and where it went."""
+    if name is not None and (problem := name_problem(name)) is not None:
+        raise KvdError(f"--name {name!r} {problem}", hint="give a plain name, e.g. --name heldout")
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if options.device == "auto" else options.device)
     path = Path(target)

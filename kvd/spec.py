@@ -26,6 +26,7 @@ from kvd.component import ComponentConfig, config_class
 from kvd.errors import KvdError, Problem, SpecError
 from kvd.manager import registry
 from kvd.models import ModelSource
+from kvd.names import checked_name
 
 
 class Strict(BaseModel):
@@ -135,6 +136,11 @@ class TeacherRef(ModelRef):
     id: str = ""
     weight: float = Field(1.0, ge=0)
 
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        return checked_name(value) if value else value
+
 
 class StudentRef(ModelRef):
     """The student: a model dir to continue from, or a config to initialise."""
@@ -237,6 +243,27 @@ class RunSpec(Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"teacher ids must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, value: str) -> str:
+        return checked_name(value)
+
+    @model_validator(mode="after")
+    def _output_dir_placeholders(self) -> RunSpec:
+        try:
+            self.output.dir.format(name=self.name)
+        except KeyError as exc:
+            raise ValueError(
+                f"output.dir {self.output.dir!r}: unknown placeholder {{{exc.args[0]}}}; the only "
+                "one is {name} (write {{ and }} for literal braces)"
+            ) from None
+        except (IndexError, ValueError) as exc:
+            raise ValueError(
+                f"output.dir {self.output.dir!r}: {exc}; the only placeholder is {{name}} (write "
+                "{{ and }} for literal braces)"
+            ) from None
         return self
 
     def output_dir(self) -> Path:

@@ -97,6 +97,18 @@ CASES: dict[str, Case] = {
     "spec_unknown_key": Case(edited(setting("trainin", {})), "trainin"),
     "spec_wrong_type": Case(edited(setting("training.max_steps", "ten")), "training.max_steps"),
     "spec_empty_teachers": Case(edited(setting("teachers", [])), "teachers"),
+    "spec_name_is_a_path": Case(edited(setting("name", "../../x"), "train"), "path separator"),
+    "spec_teacher_id_is_a_path": Case(edited(setting("teachers.0.id", "a/b")), "teachers.0.id"),
+    "spec_output_dir_mistyped_placeholder": Case(
+        edited(setting("output.dir", "runs/run-{nmae}")), "unknown placeholder {nmae}"
+    ),
+    "spec_output_dir_lone_brace": Case(
+        edited(setting("output.dir", "runs/run-{")), "the only placeholder is {name}"
+    ),
+    "eval_name_is_a_path": Case(
+        lambda tmp: ["eval", str(Path(finished_run(tmp)).parent / "run"), "--name", "../results"],
+        "--name '../results'",
+    ),
     "spec_infinite_lr": Case(edited(setting("training.lr", float("inf")), "train"), "training.lr"),
     "spec_nan_loss_weight": Case(
         edited(setting("losses", [{"name": "ce", "weight": float("nan")}])), "losses.0.weight"
