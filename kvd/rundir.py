@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,68 @@ from kvd.errors import KvdError
 from kvd.manager import get_plugins
 
 RUN_MARKERS = ("spec.yaml", "metrics.jsonl", "checkpoints")
+LOCK = ".kvd.lock"
+"""The run dir's lock file (see RunLock); not part of the run."""
+
+
+class RunLock:
+    """An exclusive advisory lock (flock) on a run dir, held by the one process that writes it
+    (rank 0) for as long as it runs. The kernel releases it when the process ends, however it
+    ends, so the lock of a dead process never blocks a resume; the file keeps the last holder's
+    pid and host for the message a second process gets."""
+
+    def __init__(self, fd: int, run_dir: Path, created: Path | None, new_file: bool) -> None:
+        self.fd, self.run_dir, self.created, self.new_file = fd, run_dir, created, new_file
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """Lock `run_dir` (made when missing), or a KvdError naming the holder."""
+        top = run_dir
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        created = None if run_dir.exists() else top
+        new_file = not (run_dir / LOCK).exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise KvdError(
+                f"output.dir {run_dir}: cannot be written ({exc.strerror})",
+                hint="pick a writable folder with --set output.dir=...",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise KvdError(
+                f"output.dir {run_dir}: in use by {holder} (one process writes a run at a time)",
+                hint="wait until it ends (a requeued job: until the old one has drained), or "
+                "pick another dir with --set output.dir=...",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        return cls(fd, run_dir, created, new_file)
+
+    def release(self, *, keep: bool) -> None:
+        """Unlock; unless `keep`, remove the lock file when acquire() made it and the folders
+        acquire() made when nothing else was written into them (bad input leaves no trace)."""
+        os.close(self.fd)
+        if keep:
+            return
+        if self.new_file:
+            (self.run_dir / LOCK).unlink(missing_ok=True)
+        if self.created is None:
+            return
+        path = self.run_dir
+        while True:
+            try:
+                path.rmdir()
+            except OSError:  # not empty
+                return
+            if path == self.created:
+                return
+            path = path.parent
 
 
 def holds_run(path: Path) -> bool:
@@ -34,7 +98,7 @@ def check_new_run_dir(path: Path) -> None:
             f"output.dir {path}: already holds a run",
             hint="resume it with --resume, or pick another dir with --set output.dir=...",
         )
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK for p in path.iterdir()):
         raise KvdError(
             f"output.dir {path}: is not empty; kvd never writes into a folder with other files",
             hint="pick an empty or new folder with --set output.dir=...",

@@ -47,6 +47,7 @@ from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
 from kvd.rundir import (
     MetricsLog,
+    RunLock,
     check_new_run_dir,
     create_run_dir,
     holds_run,
@@ -668,6 +669,23 @@ def train(
     """Run (or resume) the distillation described by `spec` in its output dir."""
     runtime = setup_runtime(spec.training.device)
     run_dir = spec.output_dir()
+    lock = RunLock.acquire(run_dir) if runtime.main else None
+    try:
+        return _train(spec, spec_data, run_dir, runtime, base_dir, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release(keep=holds_run(run_dir))
+
+
+def _train(
+    spec: RunSpec,
+    spec_data: dict[str, Any],
+    run_dir: Path,
+    runtime: Runtime,
+    base_dir: Path,
+    resume: bool | Path,
+    progress: Progress | None,
+) -> TrainResult:
     checkpoint = None
     if holds_run(run_dir):
         if (run_dir / "results.json").exists():

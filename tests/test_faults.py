@@ -279,3 +279,36 @@ def test_tied_weights_are_stored_once_and_loaded_tied(tmp_path: Path) -> None:
     fresh.load_state_dict(loaded)
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_one_writer_per_run_dir_and_a_dead_holder_never_blocks(tmp_path: Path) -> None:
+    """A second `kvd train` on a run dir in use (a SLURM requeue while the old job drains)
+    exits 2 naming the holder's pid and host; once the holder is killed, its lock is gone."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run")))
+    hold = (
+        "import sys, time; from pathlib import Path; from kvd.rundir import RunLock; "
+        "RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "run")], env=ENV, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        second = subprocess.run(
+            [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"in use by pid {holder.pid} on" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".kvd.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    done = subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)], env=ENV, capture_output=True
+    )
+    assert done.returncode == 0 and (tmp_path / "run" / "results.json").exists()
