@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import resource
 import time
@@ -22,6 +21,7 @@ from kvd.data.split import content_hash
 from kvd.errors import KvdError
 from kvd.eval_texts import EvalTexts, is_run_dir, resolve_texts, run_spec
 from kvd.evaluate import evaluate_lm, span_bytes
+from kvd.files import json_text, write_atomic
 from kvd.models import LoadedModel
 from kvd.names import name_problem
 from kvd.spec import load_spec
@@ -179,8 +179,7 @@ def evaluate_subject(
 
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_atomic(path, json_text(report, indent=1))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvd.compare import BY_KEY, METRICS
+from kvd.files import json_text, write_atomic
 from kvd.runs import Group
 
 METHOD = (
@@ -182,9 +182,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(groups, out)
     data = result | (extra or {}) | {"plots": [p.name for p in plots]}
-    (out / "compare.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_atomic(out / "compare.json", json_text(data, indent=1))
     report = out / "report.md"
-    report.write_text(markdown(result, plots, title=title, intro=intro), encoding="utf-8")
+    write_atomic(report, markdown(result, plots, title=title, intro=intro))
     return report
 
 

@@ -42,6 +42,7 @@ from kvd.data.packing import BatchStream, DataState
 from kvd.distill import DistillModel
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
+from kvd.files import atomic_path, json_text, write_atomic
 from kvd.head import OutputHead
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
@@ -542,10 +543,11 @@ class Trainer:
             ) from None
         if val_bpb is not None and (self.best is None or val_bpb < self.best[0]):
             self.best = (val_bpb, info.path)
-            (self.run_dir / "best.json").write_text(
-                json.dumps(
+            write_atomic(
+                self.run_dir / "best.json",
+                json_text(
                     {"step": self.step, "val_bits_per_byte": val_bpb, "path": info.path.name}
-                )
+                ),
             )
         prune(root, self.spec.training.keep_checkpoints, {self.best[1]} if self.best else set())
 
@@ -575,30 +577,39 @@ class Trainer:
             self.best = (float(info["val_bits_per_byte"]), path.parent / info["path"])
 
     def save_outputs(self, metrics: LMMetrics) -> None:
-        """The student in HF format with its tokenizer, the heads, and the final metrics."""
+        """The student in HF format with its tokenizer, the heads, and the final metrics
+        (results.json, last: it marks the run finished). Each is written whole or not at all;
+        a failed write (a full disk) is a KvdError and the checkpoints stay as they were."""
         if not self.rt.main:
             return
-        out = self.run_dir / "student"
-        self.model.student.save_pretrained(out)
-        self.student.tokenizer.save_pretrained(out)
-        # the BOS the student was trained with, which not every tokenizer class records
-        config = out / "tokenizer_config.json"
-        data = json.loads(config.read_text()) if config.exists() else {}
-        data["add_bos_token"] = self.student.geometry.adds_bos
-        config.write_text(json.dumps(data, indent=2))
+        try:
+            self._save_outputs(metrics)
+        except OSError as exc:
+            raise KvdError(
+                f"could not write the run's outputs in {self.run_dir}: {exc.strerror or exc}; "
+                "the checkpoints are intact",
+                hint="free disk space, then run the same command again to finish the run",
+            ) from None
+
+    def _save_outputs(self, metrics: LMMetrics) -> None:
+        with atomic_path(self.run_dir / "student", directory=True) as out:
+            self.model.student.save_pretrained(out)
+            self.student.tokenizer.save_pretrained(out)
+            # the BOS the student was trained with, which not every tokenizer class records
+            config = out / "tokenizer_config.json"
+            data = json.loads(config.read_text()) if config.exists() else {}
+            data["add_bos_token"] = self.student.geometry.adds_bos
+            config.write_text(json.dumps(data, indent=2))
         heads = {
             k: v.detach().cpu().clone()
             for k, v in self.model.state_dict().items()
             if not k.startswith("student.")
         }
         if heads:
-            save_file(heads, self.run_dir / "heads.safetensors")
-        (self.run_dir / "results.json").write_text(
-            json.dumps(
-                {"step": self.step, "tokens": self.tokens, "validation": metrics.as_dict()},
-                indent=2,
-            )
-        )
+            with atomic_path(self.run_dir / "heads.safetensors", directory=False) as path:
+                save_file(heads, path)
+        results = {"step": self.step, "tokens": self.tokens, "validation": metrics.as_dict()}
+        write_atomic(self.run_dir / "results.json", json_text(results))
 
     def run(self, log: MetricsLog | None, progress: Progress) -> TrainResult:
         """Train to max_steps (or max_tokens); SIGTERM / SIGUSR1 save and stop at a step end."""

@@ -312,3 +312,49 @@ def test_one_writer_per_run_dir_and_a_dead_holder_never_blocks(tmp_path: Path) -
         [sys.executable, "-m", "kvd.cli", "train", str(spec)], env=ENV, capture_output=True
     )
     assert done.returncode == 0 and (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_full_disk_at_the_final_save_leaves_no_half_student(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills while the student is written: exit 2 with a message, no `student/` with
+    a config but no weights, no results.json, checkpoints intact; the same command then
+    finishes the run."""
+    import errno
+
+    from transformers import PreTrainedModel
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run")))
+    real = PreTrainedModel.save_pretrained
+
+    def full_disk(self: PreTrainedModel, path: str | Path, **kwargs: object) -> None:
+        (Path(path) / "config.json").write_text("{}")  # the first file made it
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "checkpoints are intact" in err
+    run = tmp_path / "run"
+    assert not (run / "student").exists() and not (run / "results.json").exists()
+    assert not list(run.glob(".tmp-*"))
+    valid, _ = list_checkpoints(run / "checkpoints")
+    assert valid
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert main(["train", str(spec)]) == 0
+    assert (run / "student" / "model.safetensors").exists()
+    json.loads((run / "results.json").read_text())
+
+
+def test_json_written_by_kvd_is_strict_json() -> None:
+    """results.json, eval results and reports hold null where a metric is not finite (Python's
+    json would write NaN, which is not JSON)."""
+    from kvd.files import json_text
+
+    text = json_text({"bpb": float("nan"), "curve": [1.0, float("inf"), -float("inf")], "n": 3})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {
+        "bpb": None,
+        "curve": [1.0, None, None],
+        "n": 3,
+    }

@@ -11,10 +11,10 @@ import torch
 from pydantic import ValidationError
 
 from kvd.errors import KvdError
+from kvd.files import atomic_path
 from kvd.geometry import FULL, SLIDING, read_gguf
 from kvd.manager import registry
 from kvd.sources.byte_tokenizer import VOCAB_SIZE
-from kvd.sources.cache import atomic_path
 from kvd.sources.gguf_file import GgufSource, converted_dir, model_from_gguf
 from kvd.sources.hf import HfSource
 from kvd.sources.preset import PresetSource

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,27 +23,6 @@ def cache_dir() -> Path:
             hint=f"point {CACHE_ENV} at a folder, or remove the file",
         )
     return path
-
-
-@contextmanager
-def atomic_path(target: Path, *, directory: bool) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed onto it when the block succeeds.
-
-    A crash leaves only a `.tmp-*` entry, never a half-written `target`; when another process
-    finished `target` first, its result is kept and ours dropped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    work = tmp if directory else tmp / target.name
-    try:
-        yield work
-        try:
-            os.replace(work, target)
-        except OSError:
-            if not target.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

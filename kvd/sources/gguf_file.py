@@ -14,9 +14,10 @@ import torch
 
 from kvd.component import ComponentConfig
 from kvd.errors import KvdError
+from kvd.files import atomic_path
 from kvd.geometry import ModelGeometry, read_gguf
 from kvd.models import LoadedModel, ModelSource
-from kvd.sources.cache import atomic_path, cache_dir, sha256_file
+from kvd.sources.cache import cache_dir, sha256_file
 from kvd.sources.hf import load_tokenizer_dir
 from kvd.sources.paths import local_path
 
