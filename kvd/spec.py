@@ -73,6 +73,7 @@ class NamedRef(ComponentRef):
     """A component named by its `name` key."""
 
     name: str
+    """The registered component (`kvd plugins` lists them); other keys are its options."""
 
 
 class AlignerRef(NamedRef):
@@ -84,6 +85,8 @@ class ProjectorRef(NamedRef):
 
     kind: ClassVar[str] = "projectors"
     direction: Literal["teacher_to_student", "student_to_teacher"] = "teacher_to_student"
+    """teacher_to_student: project teachers into the student's geometry and fuse there;
+    student_to_teacher: project the student into each teacher's (fixed targets)."""
 
 
 class FusionRef(NamedRef):
@@ -95,6 +98,7 @@ class LossRef(NamedRef):
 
     kind: ClassVar[str] = "losses"
     weight: float = Field(1.0, ge=0)
+    """The term's weight in the total loss."""
     teachers: list[str] | None = Field(
         None, description="Teacher ids this loss applies to (default: every teacher it fits)."
     )
@@ -105,9 +109,13 @@ class DataRef(NamedRef):
 
     kind: ClassVar[str] = "datasets"
     name: str = "stdlib"
+    """A registered dataset (`kvd plugins`): `stdlib` (built-in English text) or `files`."""
     seq_len: int = Field(128, ge=2)
+    """Window length in student tokens: documents are packed into windows of at most this."""
     min_tokens: int = Field(16, ge=1)
+    """Windows shorter than this many student tokens are dropped."""
     val_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of documents held out for validation, chosen by content hash (no seed)."""
 
 
 class ModelRef(ComponentRef):
@@ -116,7 +124,10 @@ class ModelRef(ComponentRef):
     kind: ClassVar[str] = "models"
     key: ClassVar[str] = "source"
     source: str
+    """A registered model source (`kvd plugins`): pypi, gguf, hf, preset or tiny; the other
+    keys of this mapping are that source's options."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights' dtype in memory (bfloat16 halves a frozen teacher's memory and time)."""
     reinit: bool = Field(
         False,
         description="Replace the weights by a fresh random init of the same architecture, "
@@ -134,7 +145,10 @@ class TeacherRef(ModelRef):
     """A teacher: its source, a short id used in logs, and its weight among teachers."""
 
     id: str = ""
+    """Short name in logs, losses' `teachers` lists and stages (default t0, t1, ...)."""
     weight: float = Field(1.0, ge=0)
+    """Weight among teachers: per-teacher losses are weighted by it (normalised over the
+    teachers a loss uses); read by the fixed fusion."""
 
     @field_validator("id")
     @classmethod
@@ -150,8 +164,11 @@ class AlignmentSpec(Strict):
     """Parameter-free alignment of each teacher to the student, one aligner per stage."""
 
     tokens: AlignerRef = _ref("soft")
+    """Token/time aligner: which teacher positions teach each student position."""
     layers: AlignerRef = _ref("uniform")
+    """Layer aligner: which teacher layer teaches each distilled student layer."""
     rope: AlignerRef = _ref("unrotate")
+    """RoPE aligner: how keys rotated with different RoPE settings are compared."""
 
     STAGES: ClassVar[tuple[str, ...]] = ("tokens", "layers", "rope")
 
@@ -160,30 +177,50 @@ class StageSpec(Strict):
     """A curriculum stage from `start_step` on; fields left out keep the previous stage's."""
 
     start_step: int = Field(ge=0)
+    """The optimizer step from which this stage is in force."""
     teachers: list[str] | None = None
+    """Ids of the teachers active in this stage."""
     fusion: FusionRef | None = None
+    """The fusion of this stage."""
     losses: list[LossRef] | None = None
+    """The loss terms of this stage."""
 
 
 class TrainingSpec(Strict):
     """Optimisation and schedule."""
 
     max_steps: int = Field(100, ge=1)
+    """Optimizer steps to train."""
     max_tokens: int | None = Field(None, ge=1)
+    """Stop earlier once this many student tokens have been trained on (None: no cap)."""
     batch_size: int = Field(8, ge=1)
+    """Windows per micro-batch on each process."""
     grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated into one optimizer step."""
     lr: float = Field(3e-3, gt=0)
+    """Peak learning rate (AdamW) of the student."""
     projector_lr: float | None = Field(None, gt=0)
+    """Learning rate of projectors, fusions and loss heads (None: lr)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
+    """Steps of linear warm-up to the peak learning rate."""
     schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine decay to 0 at max_steps, or constant."""
     clip_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this (None: no clipping)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """The student step's precision: fp32, or bf16 autocast."""
     activation_checkpointing: bool = False
+    """Recompute the student's activations in backward (less memory, more time)."""
     device: str = "auto"
+    """auto (cuda:LOCAL_RANK when a GPU is there, else cpu), cpu, cuda or cuda:N."""
     log_every: int = Field(1, ge=1)
+    """Write a metrics.jsonl record every this many steps."""
     checkpoint_every: int = Field(100, ge=1)
+    """Save a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=2)
+    """Newest checkpoints kept (the best by validation is kept besides)."""
     max_nonfinite: int = Field(
         5, ge=1, description="Stop after this many non-finite losses or gradients in a row."
     )
@@ -193,6 +230,7 @@ class TrainingSpec(Strict):
         "relative to the working directory, like output.dir.",
     )
     stages: list[StageSpec] = Field(default_factory=list)
+    """A curriculum: stages by start_step, each changing teachers, fusion or losses."""
 
     @field_validator("stages")
     @classmethod
@@ -207,32 +245,47 @@ class EvaluationSpec(Strict):
     """Periodic validation during training."""
 
     every: int = Field(50, ge=1)
+    """Validate every this many steps (and at the end)."""
     batches: int = Field(8, ge=1)
+    """Validation batches each time."""
 
 
 class OutputSpec(Strict):
     """Where the run directory goes (relative paths are relative to the working directory)."""
 
     dir: str = "runs/{name}"
+    """The run directory; {name} is the spec's name. Relative to the working directory."""
 
 
 class RunSpec(Strict):
     """A whole distillation run."""
 
     name: str = "run"
+    """The run's name (a name, not a path): fills {name} in output.dir."""
     seed: int = 0
+    """Seed of data order, projector init and random controls."""
     teachers: list[TeacherRef] = Field(min_length=1, max_length=8)
+    """The teacher models, 1 to 8."""
     student: StudentRef
+    """The student model."""
     data: DataRef = Field(default_factory=lambda: DataRef())
+    """The training and validation text."""
     alignment: AlignmentSpec = Field(default_factory=AlignmentSpec)
+    """Parameter-free alignment of each teacher to the student."""
     projector: ProjectorRef = _ref("head_dim_then_heads")
+    """The learned K/V projector between each teacher's and the student's geometry."""
     fusion: FusionRef = _ref("mean")
+    """How the teachers' K/V are weighted (and combined) at each position."""
     losses: list[LossRef] = Field(
         default_factory=lambda: [LossRef(name="kv_mse"), LossRef(name="ce")], min_length=1
     )
+    """The loss terms with their weights."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimisation, schedule, checkpoints and curriculum."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Periodic validation."""
     output: OutputSpec = Field(default_factory=OutputSpec)
+    """Where the run directory goes."""
 
     @model_validator(mode="after")
     def _teacher_ids(self) -> RunSpec:

@@ -188,6 +188,14 @@ def test_spec_reference_is_current(tmp_path: Path) -> None:
         )
 
 
+def test_every_spec_key_is_described() -> None:
+    """Every key of the run spec and of every built-in component's options has a description
+    (an attribute docstring under the field, or `Field(description=...)`)."""
+    rows = [line for line in generator().render().splitlines() if line.startswith("| `")]
+    undescribed = [row.split("|")[1].strip() for row in rows if row.rstrip().endswith("|  |")]
+    assert rows and not undescribed, f"keys without a description: {undescribed}"
+
+
 def test_spec_reference_is_deterministic() -> None:
     module = generator()
     assert module.render() == module.render()

@@ -33,7 +33,9 @@ class TextFilesSource(TextSource):
         split: Literal["file", "paragraph"] = "file"
         """How a .txt file becomes documents."""
         text_field: str = "text"
+        """The field of a .jsonl line or .parquet row that holds the document's text."""
         task_field: str = "task"
+        """The field that holds its task label (read when present)."""
         default_task: str = "text"
         """The task label of documents that carry none (every .txt document)."""
 

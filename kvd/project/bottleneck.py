@@ -13,10 +13,10 @@ class ElasticBottleneckProjector(Projector):
     """LayerNorm(d) -> Linear(d -> mlp_ratio*d) -> SiLU -> Dropout -> Linear(-> d_t), d = Hs*Ds."""
 
     class Config(Projector.Config):
-        """mlp_ratio: hidden width as a multiple of the source width; dropout after SiLU."""
-
         mlp_ratio: float = Field(2.0, gt=0)
+        """Hidden width as a multiple of the source width."""
         dropout: float = Field(0.1, ge=0, lt=1)
+        """Dropout after the SiLU."""
 
     def __init__(self, config: Config, *, source: KVShape, target: KVShape) -> None:
         super().__init__(config, source=source, target=target)

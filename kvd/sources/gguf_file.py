@@ -29,6 +29,7 @@ class GgufSource(ModelSource):
 
     class Config(ComponentConfig):
         path: str
+        """A .gguf file, relative to the spec file's folder; converted once into kvd's cache."""
 
     config: Config
 

