@@ -61,6 +61,26 @@ def metric_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+PER_RUN = ("bits_per_byte", "perplexity")
+"""The metrics whose every run's value the report lists (in run order: seeds)."""
+
+
+def per_run_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of each run's value of the PER_RUN metrics, groups of 2+ runs."""
+    keys = [k for k in PER_RUN if k in shown_metrics(result)]
+    header = ["group"] + [f"{BY_KEY[k].label}, by run" for k in keys]
+    rows = []
+    for g in result["groups"]:
+        if len(g["runs"]) < 2:
+            continue
+        cells = [g["label"]]
+        for k in keys:
+            vals = g["metrics"].get(k, {}).get("values", [])
+            cells.append(", ".join(number(v, BY_KEY[k].digits) for v in vals) or "n/a")
+        rows.append(cells)
+    return header, rows
+
+
 def comparison_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = [
         "group",
@@ -136,6 +156,10 @@ def markdown(result: dict[str, Any], plots: list[Path], *, title: str, intro: st
         "## Metrics",
         "",
         _table(*metric_rows(result)),
+        "",
+        "Each run (seed) of a group, in the order of its runs:",
+        "",
+        _table(*per_run_rows(result)),
         "",
         "## Against the baseline",
         "",

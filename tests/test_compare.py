@@ -48,6 +48,8 @@ def test_report_over_folders_of_seeds(runs: Path, tmp_path: Path) -> None:
     assert paired["texts"] == 2 and paired["unit"] == "nats"  # results.json NLL, same texts
     report = (out / "report.md").read_text()
     assert "## Against the baseline" in report and "bits/byte" in report
+    kv = result["groups"][1]["metrics"]["bits_per_byte"]["values"]  # every seed's value
+    assert f"| kv | {kv[0]:.4f}, {kv[1]:.4f} |" in report
     for png in ("loss_curves.png", "kv_loss_and_validation.png", "routing_kv.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
         assert f"({png})" in report
