@@ -364,11 +364,12 @@ class DistillModel(nn.Module):
                     (sv, fuse(tv, routed.weights)),
                     fused_mask(tmask),
                 )
-                with torch.no_grad():  # each teacher's own loss, logged only
-                    for n, tid in enumerate(self.teacher_ids):
-                        if tid in targets and j in targets[tid].keys:
-                            own = kv_parts(term.module, (sk, tk[n]), (sv, tv[n]), tmask[n])
-                            out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(own)
+                for n, tid in enumerate(self.teacher_ids):  # each teacher's own loss, logged
+                    if tid in targets and j in targets[tid].keys:
+                        pair_k = (sk.detach(), tk[n].detach())
+                        pair_v = (sv.detach(), tv[n].detach())
+                        own = kv_parts(term.module, pair_k, pair_v, tmask[n])
+                        out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(own)
             value = value + routed.aux_loss
             out.parts[f"loss/{term.name}/L{j}"] = float(value.detach())
             out.routing[j] = routed.weights.detach()

@@ -132,7 +132,8 @@ class Fusion(nn.Module):
         self.n_layers = n_layers
         self.kv_dim = kv_dim
         self.n_tasks = n_tasks
-        self.combine = config.combine
+        # a plugin's Config need not derive from Fusion.Config: it then fuses targets
+        self.combine: Literal["targets", "losses"] = getattr(config, "combine", "targets")
 
     def forward(self, inp: FusionInput) -> FusionOutput:
         raise NotImplementedError
