@@ -326,16 +326,67 @@ class RunSpec(Strict):
 # --- reading --------------------------------------------------------------------------------
 
 
+MAX_YAML_BYTES = 1 << 20
+"""The largest spec or experiment file kvd reads (a real one is a few kB)."""
+MAX_YAML_ALIASES = 100
+MAX_YAML_DEPTH = 32
+
+
+class YamlTooLarge(yaml.YAMLError):
+    """A document past the limits of BoundedLoader."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with limits: at most MAX_YAML_ALIASES alias uses (an alias bomb expands
+    exponentially in whatever walks the result) and nesting at most MAX_YAML_DEPTH deep."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise YamlTooLarge(f"more than {MAX_YAML_ALIASES} alias uses (*name)")
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise YamlTooLarge(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def bounded_yaml(text: str) -> Any:
+    """yaml.safe_load within BoundedLoader's limits (YamlTooLarge past them)."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from `path`, or a KvdError naming the file and the line."""
+    if path.is_symlink() and not path.exists():
+        raise KvdError(f"{path}: a symbolic link that leads nowhere (broken, or a loop)")
     if not path.exists():
         raise KvdError(f"{path}: no such file", hint="check the path of the spec")
     if path.is_dir():
         raise KvdError(f"{path}: is a directory, expected a YAML run spec")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise KvdError(
+            f"{path}: {path.stat().st_size} bytes; a spec has at most {MAX_YAML_BYTES}",
+            hint="is this the right file?",
+        )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = bounded_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise KvdError(f"{path}: not a text file (expected a YAML run spec)") from None
+    except YamlTooLarge as exc:
+        raise KvdError(f"{path}: {exc}, more than a spec needs", hint="is this the right file?")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -356,7 +407,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise KvdError(f"--set {item!r}: expected KEY=VALUE, e.g. training.max_steps=50")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = bounded_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise KvdError(f"--set {item!r}: the value is not YAML ({exc})") from None
         parts = key.strip().split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):

@@ -66,6 +66,12 @@ def data_files(name: str, content: bytes, **options: object) -> Callable[[dict, 
     return change
 
 
+def _loop(tmp: Path) -> Path:
+    (tmp / "a.yaml").symlink_to(tmp / "b.yaml")
+    (tmp / "b.yaml").symlink_to(tmp / "a.yaml")
+    return tmp / "a.yaml"
+
+
 def finished_run(tmp: Path) -> str:
     spec = spec_file(tmp, tiny_spec(tmp / "run"))
     assert main(["train", spec]) == 0
@@ -108,6 +114,26 @@ CASES: dict[str, Case] = {
     "eval_name_is_a_path": Case(
         lambda tmp: ["eval", str(Path(finished_run(tmp)).parent / "run"), "--name", "../results"],
         "--name '../results'",
+    ),
+    "spec_alias_bomb": Case(
+        lambda tmp: [
+            "validate",
+            spec_file(
+                tmp,
+                yaml.safe_dump(tiny_spec(tmp / "run")).replace(
+                    "student:\n",
+                    "bomb: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+                    + "".join(
+                        f"b{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 12)
+                    )
+                    + "student:\n",
+                ),
+            ),
+        ],
+        "more than 100 alias uses",
+    ),
+    "spec_symlink_loop": Case(
+        lambda tmp: ["validate", str(_loop(tmp))], "a symbolic link that leads nowhere"
     ),
     "spec_infinite_lr": Case(edited(setting("training.lr", float("inf")), "train"), "training.lr"),
     "spec_nan_loss_weight": Case(
