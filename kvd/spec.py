@@ -386,7 +386,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise KvdError(f"{path}: not a text file (expected a YAML run spec)") from None
     except YamlTooLarge as exc:
-        raise KvdError(f"{path}: {exc}, more than a spec needs", hint="is this the right file?")
+        raise KvdError(
+            f"{path}: {exc}, more than a spec needs", hint="is this the right file?"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
