@@ -178,6 +178,16 @@ CASES: dict[str, Case] = {
     # --- data files (kvd train) -----------------------------------------------------------
     "data_not_utf8": Case(edited(data_files("d.txt", b"caf\xe9 " * 50), "train"), "d.txt"),
     "data_empty": Case(edited(data_files("d.txt", b""), "train"), "has no documents"),
+    "data_nul_bytes": Case(edited(data_files("d.txt", b"\0" * 4096), "train"), "NUL byte"),
+    "data_missing_dir": Case(
+        edited(
+            lambda d, t: d.update(
+                data={"name": "text_files", "paths": [str(t / "no-such-dir")], "seq_len": 48}
+            ),
+            "train",
+        ),
+        "no-such-dir: no such file or directory",
+    ),
     "data_bad_json_line": Case(
         edited(data_files("d.jsonl", b'{"text": "ok"}\n{oops\n'), "train"), "d.jsonl:2"
     ),

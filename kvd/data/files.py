@@ -57,6 +57,11 @@ class TextFilesSource(TextSource):
             else:
                 matches = [Path(full)]
             for path in matches:
+                if not path.exists():
+                    raise KvdError(
+                        f"data.paths: {path}: no such file or directory",
+                        hint="relative paths start at the spec file's folder",
+                    )
                 if path.is_dir():
                     raise KvdError(
                         f"data.paths: {path}: is a directory", hint="name its files: 'DIR/*.txt'"
@@ -152,11 +157,17 @@ class TextFilesSource(TextSource):
 
 
 def _read_text(path: Path) -> str:
+    """The file's UTF-8 text; a missing file, bad UTF-8 or a NUL byte (a binary file) is a
+    KvdError naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KvdError(f"{path}: no such file", hint="check data.paths") from None
     except UnicodeDecodeError as exc:
         raise KvdError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise KvdError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise KvdError(f"{path}: not a text file (a NUL byte at character {nul})")
+    return text
