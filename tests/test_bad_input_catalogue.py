@@ -66,6 +66,23 @@ def data_files(name: str, content: bytes, **options: object) -> Callable[[dict, 
     return change
 
 
+def truncated_model_dir(tmp: Path) -> str:
+    """A saved tiny HF model whose model.safetensors was cut in half (a partial copy)."""
+    import torch
+
+    from kvd.sources.tiny import TinySource
+    from tests.specs import STUDENT
+
+    model = TinySource(TinySource.Config(config=STUDENT)).load(
+        device=torch.device("cpu"), dtype=torch.float32
+    )
+    model.model.save_pretrained(tmp / "model")
+    model.tokenizer.save_pretrained(tmp / "model")
+    weights = tmp / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(tmp / "model")
+
+
 def _loop(tmp: Path) -> Path:
     (tmp / "a.yaml").symlink_to(tmp / "b.yaml")
     (tmp / "b.yaml").symlink_to(tmp / "a.yaml")
@@ -219,6 +236,15 @@ CASES: dict[str, Case] = {
             "TinyLlama-1.1B",
         ],
         "config.json",
+    ),
+    "model_dir_truncated_weights": Case(
+        edited(
+            lambda d, t: d["teachers"].__setitem__(
+                0, {"id": "cut", "source": "hf", "path": truncated_model_dir(t)}
+            ),
+            "train",
+        ),
+        "damaged or incomplete",
     ),
     "gguf_truncated": Case(
         lambda t: [

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from pydantic import model_validator
+from safetensors import SafetensorError
 
 from kvd.component import ComponentConfig
 from kvd.errors import KvdError
@@ -64,6 +65,12 @@ class HfSource(ModelSource):
                 use_safetensors=True,
                 **self._code_options(),
             )
+        except SafetensorError as exc:  # a truncated or damaged file
+            raise KvdError(
+                f"{self.path}: a safetensors weights file is damaged or incomplete ({exc})",
+                hint="copy or save the model again; a partial download or a full disk cuts a "
+                "file short",
+            ) from None
         except OSError as exc:
             raise KvdError(
                 f"{self.path}: cannot load the model weights ({exc})",
