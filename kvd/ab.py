@@ -2,7 +2,8 @@
 
 Every group trains with equal compute (the same steps, batch size, gradient accumulation and
 data, hence the same tokens) on one content-hash split, verified from each run's split.json, for
-every seed. Runs go to RUNS/GROUP/seedN; a finished run (results.json) is never rerun, an
+every seed. Each run trains in a process of its own (`kvd train BASE --set ...`), so its peak
+memory is its own. Runs go to RUNS/GROUP/seedN; a finished run (results.json) is never rerun, an
 unfinished one is resumed, so the same command continues an interrupted experiment. Afterwards
 each run's student is evaluated on its whole validation split (`kvd eval`, with cloze accuracy),
 optionally the teachers too, and the `kvd compare` report against the CE-only baseline is
@@ -21,6 +22,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,8 +315,7 @@ def check_split(run: PlannedRun, reference: tuple[Path, str] | None) -> tuple[Pa
 
 def execute(p: Plan, console: Console) -> Path:
     """Train (or resume) every planned run, evaluate, and write the report; returns report.md."""
-    from kvd.measure import EvalOptions, reset_peak_memory, run_eval
-    from kvd.train import train
+    from kvd.measure import EvalOptions, run_eval
 
     base_dir = p.base_path.parent
     options = EvalOptions(
@@ -333,8 +335,7 @@ def execute(p: Plan, console: Console) -> Path:
             console.print(f"{label}: {'resuming' if started else 'training'}", markup=False)
             if run.spec.training.teacher_cache:
                 build_cache(run, base_dir, console)
-            reset_peak_memory()  # runs share this process: each run's peak is its own
-            train(run.spec, run.data, base_dir=base_dir, resume=started)
+            train_apart(p.base_path, run.overrides)
         reference = check_split(run, reference)
         if p.experiment.evaluate and not (run.dir / "eval" / "validation.json").is_file():
             console.print(f"{label}: evaluating", markup=False)
@@ -387,13 +388,28 @@ def report(p: Plan, teacher_files: list[Path], console: Console) -> Path:
     return path
 
 
+def train_apart(base: Path, overrides: list[str]) -> None:
+    """`kvd train BASE --set O1 --set O2 ...` (the command `--dry-run` prints) in a process of
+    its own, so that each run's peak memory is its own, whatever ran before it; it resumes an
+    unfinished run by itself."""
+    argv = [sys.executable, "-m", "kvd.cli", "train", str(base)]
+    for override in overrides:
+        argv += ["--set", override]
+    code = subprocess.run(argv, check=False).returncode
+    if code != 0:
+        raise KvdError(
+            f"kvd train {base} ({len(overrides)} overrides) exited with {code}; its messages "
+            "are above",
+            hint="fix the cause, then run the same kvd ab command again: finished runs are kept",
+        )
+
+
 def rerun(p: Plan, which: str, console: Console) -> list[str]:
     """Train and evaluate run GROUP:SEED again in a new dir under RUNS/reruns/ and return where
     its metrics differ from the finished run's beyond the experiment's tolerance."""
     from kvd.compare import differences
     from kvd.measure import EvalOptions, run_eval
     from kvd.runs import load_run
-    from kvd.train import train
 
     group, _, seed = which.partition(":")
     found = [r for r in p.runs if r.group == group and str(r.seed) == seed]
@@ -409,7 +425,7 @@ def rerun(p: Plan, which: str, console: Console) -> list[str]:
     spec = _parse(data, p.path, group, run.seed, p.base_path)
     console.print(f"rerunning {which} into {target}", markup=False)
     base_dir = p.base_path.parent
-    train(spec, data, base_dir=base_dir, resume=False)
+    train_apart(p.base_path, [*run.overrides, setting("output.dir", str(target))])
     if (run.dir / "eval" / "validation.json").is_file():
         options = EvalOptions(
             max_texts=p.experiment.eval_max_texts, base_dir=base_dir, device=spec.training.device

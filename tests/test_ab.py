@@ -297,3 +297,46 @@ def test_a_same_seed_rerun_reproduces_the_run_within_the_tolerance(
     finally:
         results.write_text(original)
     assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:7"]) == 2
+
+
+def test_a_run_measures_the_same_memory_alone_and_inside_a_grid(tmp_path: Path) -> None:
+    """Each run of a grid trains in a process of its own: a memory-hungry group before it (a
+    student ~50x larger) does not raise its peak memory, which equals the same run's alone.
+    Both through the `kvd` command, with its allocator (mimalloc keeps freed pages)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("KVD_ALLOCATOR", "LD_PRELOAD")}
+
+    big = [
+        "student.config.hidden_size=768",
+        "student.config.intermediate_size=3072",
+        "student.config.num_hidden_layers=6",
+    ]
+    path = experiment(
+        tmp_path,
+        seeds=[0],
+        steps=1,
+        groups=["big", "multi"],
+        custom={"big": {"set": big}},
+        evaluate=False,
+        evaluate_teachers=False,
+    )
+    grid = [sys.executable, "-m", "kvd.cli", "ab", str(path), "--min-seeds", "1"]
+    assert subprocess.run(grid, env=env, capture_output=True).returncode == 0
+    p = plan(path, min_seeds=1)
+    (run,) = [r for r in p.runs if r.group == "multi"]
+    alone = tmp_path / "alone"
+    argv = [sys.executable, "-m", "kvd.cli", "train", str(p.base_path)]
+    for override in [*run.overrides, f"output.dir={alone}"]:
+        argv += ["--set", override]
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+
+    def peak(run_dir: Path) -> float:
+        return max(r["peak_rss_mb"] for r in read_metrics(run_dir / "metrics.jsonl"))
+
+    in_grid, by_itself = peak(run.dir), peak(alone)
+    big_peak = peak(tmp_path / "runs" / "big" / "seed0")
+    assert big_peak > 1.5 * by_itself  # the group before it needs much more memory
+    assert in_grid == pytest.approx(by_itself, rel=0.15)
