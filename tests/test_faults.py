@@ -49,6 +49,16 @@ def start(spec: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def train_again(spec: Path) -> subprocess.CompletedProcess[str]:
+    """`kvd train SPEC` in a new process, to the end; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -89,12 +99,7 @@ def test_sigkill_then_resume_is_exact(straight: Path, tmp_path: Path) -> None:
     valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
     resumed_from = valid[-1].step
     assert resumed_from in (30, 40) and resumed_from <= max(losses(tmp_path / "run"))
-    rerun = subprocess.run(
-        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    rerun = train_again(spec)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming the run in {tmp_path / 'run'} from step {resumed_from}" in rerun.stderr
     a, b = losses(straight), losses(tmp_path / "run")
@@ -295,12 +300,7 @@ def test_one_writer_per_run_dir_and_a_dead_holder_never_blocks(tmp_path: Path) -
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        second = subprocess.run(
-            [sys.executable, "-m", "kvd.cli", "train", str(spec)],
-            env=ENV,
-            capture_output=True,
-            text=True,
-        )
+        second = train_again(spec)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"in use by pid {holder.pid} on" in second.stderr
         assert "Traceback" not in second.stderr
@@ -308,9 +308,7 @@ def test_one_writer_per_run_dir_and_a_dead_holder_never_blocks(tmp_path: Path) -
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    done = subprocess.run(
-        [sys.executable, "-m", "kvd.cli", "train", str(spec)], env=ENV, capture_output=True
-    )
+    done = train_again(spec)
     assert done.returncode == 0 and (tmp_path / "run" / "results.json").exists()
 
 
