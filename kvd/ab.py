@@ -421,14 +421,13 @@ def rerun(p: Plan, which: str, console: Console) -> list[str]:
         raise KvdError(f"--rerun {which}: {run.dir} has not finished", hint=f"kvd ab {p.path}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     target = p.runs_dir / "reruns" / f"{group}-seed{seed}-{stamp}"
-    data = apply_overrides(copy.deepcopy(run.data), [setting("output.dir", str(target))])
-    spec = _parse(data, p.path, group, run.seed, p.base_path)
     console.print(f"rerunning {which} into {target}", markup=False)
-    base_dir = p.base_path.parent
     train_apart(p.base_path, [*run.overrides, setting("output.dir", str(target))])
     if (run.dir / "eval" / "validation.json").is_file():
         options = EvalOptions(
-            max_texts=p.experiment.eval_max_texts, base_dir=base_dir, device=spec.training.device
+            max_texts=p.experiment.eval_max_texts,
+            base_dir=p.base_path.parent,
+            device=run.spec.training.device,
         )
         run_eval(str(target), options=options)
     return differences([load_run(run.dir), load_run(target)], p.experiment.tolerance)

@@ -38,15 +38,8 @@ def atomic_path(target: Path, *, directory: bool) -> Iterator[Path]:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path` whole: a temporary file beside it, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, directory=False) as work:
+        work.write_text(text, encoding="utf-8")
 
 
 def finite(data: Any) -> Any:

@@ -307,15 +307,11 @@ class RunSpec(Strict):
     def _output_dir_placeholders(self) -> RunSpec:
         try:
             self.output.dir.format(name=self.name)
-        except KeyError as exc:
+        except (KeyError, IndexError, ValueError) as exc:
+            problem = f"unknown placeholder {{{exc.args[0]}}}" if isinstance(exc, KeyError) else exc
             raise ValueError(
-                f"output.dir {self.output.dir!r}: unknown placeholder {{{exc.args[0]}}}; the only "
-                "one is {name} (write {{ and }} for literal braces)"
-            ) from None
-        except (IndexError, ValueError) as exc:
-            raise ValueError(
-                f"output.dir {self.output.dir!r}: {exc}; the only placeholder is {{name}} (write "
-                "{{ and }} for literal braces)"
+                f"output.dir {self.output.dir!r}: {problem}; the only placeholder is {{name}} "
+                "(write {{ and }} for literal braces)"
             ) from None
         return self
 
