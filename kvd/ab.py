@@ -37,8 +37,10 @@ from kvd.ab_groups import builtin_groups, expand_names, setting
 from kvd.build import uses_teachers
 from kvd.component import config_class
 from kvd.data import read_manifest
+from kvd.diff import dotted_differences
 from kvd.errors import KvdError, SpecError
 from kvd.names import checked_name
+from kvd.resume import HARMLESS_CHANGES
 from kvd.rundir import code_version, holds_run
 from kvd.spec import RunSpec, apply_overrides, parse_spec, pydantic_problems, read_yaml
 
@@ -46,10 +48,12 @@ BASELINE = "ce_only"
 
 
 class CustomGroup(BaseModel):
-    """A group of your own: `--set` overrides of the base spec."""
+    """A group of your own: `--set` overrides of the base spec, applied after those of the
+    built-in group `from` (e.g. `single_smollm2`) when it names one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     set: list[str] = Field(min_length=1)
+    from_: str | None = Field(None, alias="from")
 
 
 class Experiment(BaseModel):
@@ -147,8 +151,22 @@ def group_overrides(exp: Experiment, base: dict[str, Any], spec: RunSpec) -> dic
     clash = sorted(set(exp.custom) & set(table))
     if clash:
         raise KvdError(f"custom group(s) {', '.join(clash)} reuse built-in names")
+    for name, group in exp.custom.items():
+        if group.from_ is not None and group.from_ not in table:
+            raise KvdError(
+                f"custom.{name}.from: {group.from_!r} is no built-in group of this base spec",
+                hint=f"known here: {', '.join(sorted(table))}",
+            )
     names += [n for n in exp.custom if n not in names]
-    return {n: exp.custom[n].set if n in exp.custom else table[n](base, spec) for n in names}
+
+    def overrides(name: str) -> list[str]:
+        if name not in exp.custom:
+            return table[name](base, spec)
+        group = exp.custom[name]
+        start = table[group.from_](base, spec) if group.from_ is not None else []
+        return [*start, *group.set]
+
+    return {n: overrides(n) for n in names}
 
 
 def compute_budget(spec: RunSpec) -> dict[str, Any]:
@@ -270,9 +288,12 @@ def plan_lines(p: Plan) -> list[str]:
 
 
 def check_same_spec(run: PlannedRun) -> None:
-    """A run dir must hold the run the experiment plans (not one of an older experiment file)."""
+    """A run dir must hold the run the experiment plans (not one of an older experiment file);
+    changes that leave the result alone (kvd.resume.HARMLESS_CHANGES: e.g. a teacher cache the
+    run now shares with a group added later) are allowed."""
     saved = yaml.safe_load((run.dir / "spec.yaml").read_text(encoding="utf-8")) or {}
-    differ = sorted(k for k in set(saved) | set(run.data) if saved.get(k) != run.data.get(k))
+    changed = dotted_differences(saved, run.data)
+    differ = sorted(k for k in changed if not k.startswith(HARMLESS_CHANGES))
     if differ:
         raise KvdError(
             f"{run.dir}: holds a run of another spec (differs in {', '.join(differ)}); the "

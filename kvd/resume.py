@@ -18,9 +18,11 @@ HARMLESS_CHANGES = (
     "training.keep_checkpoints",
     "training.max_nonfinite",
     "training.device",
+    "training.teacher_cache",
     "evaluation",
 )
-"""Spec keys a resumed run may change: they alter logging and bookkeeping, not the result."""
+"""Spec keys a resumed run may change: they alter logging and bookkeeping, not the result (a
+teacher cache holds exactly the targets the live teachers give, checked by its fingerprint)."""
 
 
 def check_same_run(run_dir: Path, spec: RunSpec) -> None:

@@ -16,6 +16,7 @@ from kvd.build import load_model
 from kvd.cli.app import main
 from kvd.data import SplitManifest, write_manifest
 from kvd.distill import kv_parts
+from kvd.errors import KvdError
 from kvd.losses.kv import KVMSELoss
 from kvd.rundir import code_version, read_metrics
 from kvd.spec import parse_spec
@@ -132,7 +133,10 @@ def test_every_group_is_a_set_of_overrides(tmp_path: Path) -> None:
             "layer_map_cka",
             "leave_one_out",
         ],
-        custom={"low_kv": {"set": ["losses.2.weight=0.01"]}},
+        custom={
+            "low_kv": {"set": ["losses.2.weight=0.01"]},
+            "single_low_kv": {"from": "single_smollm2", "set": ["losses.2.weight=0.01"]},
+        },
     )
     p = plan(path)
     assert next(iter(p.groups)) == "ce_only" and "single_gemma3" in p.groups
@@ -145,11 +149,19 @@ def test_every_group_is_a_set_of_overrides(tmp_path: Path) -> None:
     assert g["layer_map_cka"] == ["alignment.layers={name: cka, student_layers: all}"]
     assert g["multi_similarity"] == ["fusion={name: similarity}"]
     assert g["low_kv"] == ["losses.2.weight=0.01"]
+    assert g["single_low_kv"] == [*g["single_smollm2"], "losses.2.weight=0.01"]
     by_group = {r.group: r.spec for r in p.runs if r.seed == 2}
     assert [t.id for t in by_group["leave_out_smollm2"].teachers] == ["gemma3"]
     assert [x.name for x in by_group["leave_out_smollm2"].losses] == ["ce", "kv_mse"]
     assert by_group["tokens_hard"].alignment.tokens.name == "hard"
     assert by_group["multi_similarity"].student.config.seed == 2  # a seed varies the student's init
+
+
+def test_custom_group_from_an_unknown_group_names_the_key(tmp_path: Path) -> None:
+    bad = {"mine": {"from": "single_llama", "set": ["losses.2.weight=0.01"]}}
+    with pytest.raises(KvdError, match=r"custom\.mine\.from: 'single_llama'") as err:
+        plan(experiment(tmp_path, seeds=[0, 1, 2], custom=bad))
+    assert "single_smollm2" in str(err.value.hint)
 
 
 def test_control_and_ablation_groups_train(tmp_path: Path) -> None:
@@ -189,6 +201,28 @@ def test_runs_that_compute_the_same_teacher_targets_share_a_cache(tmp_path: Path
     assert caches["ce_only"] is None and caches["multi"] == caches["multi_fixed"]
     assert (Path(caches["multi"]) / "manifest.json").exists()
     assert Path(caches["multi"]).parent == tmp_path / "runs" / "cache"
+
+
+def test_a_group_added_later_shares_a_finished_runs_cache_without_rerunning_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adding a group whose teacher targets equal a finished run's gives that run a teacher
+    cache (a harmless change: same targets); the finished run is kept, not refused or rerun.
+    A change that alters the result is still refused, naming the dotted key."""
+    common = {"seeds": [0], "steps": 1, "teacher_cache": True, "evaluate": False}
+    path = experiment(tmp_path, groups=["multi"], **common)
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 0
+    results = tmp_path / "runs" / "multi" / "seed0" / "results.json"
+    before = results.read_bytes()
+    later = {"multi_low_kv": {"set": ["losses.2.weight=0.01"]}}
+    path = experiment(tmp_path, groups=["multi"], custom=later, **common)
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 0
+    assert results.read_bytes() == before
+    spec = yaml.safe_load((tmp_path / "runs" / "multi_low_kv" / "seed0" / "spec.yaml").read_text())
+    assert (Path(spec["training"]["teacher_cache"]) / "manifest.json").exists()
+    path = experiment(tmp_path, groups=["multi"], set=["training.lr=0.01"], **common)
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 2
+    assert "holds a run of another spec (differs in training.lr)" in capsys.readouterr().err
 
 
 def test_shuffled_aligner_permutes_rows_of_the_soft_alignment() -> None:
