@@ -64,7 +64,7 @@ def measure(name: str, device: torch.device, repeats: int) -> list[Row]:
     batch = bare.next_batches()[0]
     out: list[Row] = []
     teacher_flops: dict[torch.dtype, int] = {}
-    pairs = zip(trainer.teachers, bare.teachers, batch.teachers, strict=True)
+    pairs = zip(trainer.teacher_side.teachers, bare.teachers, batch.teachers, strict=True)
     for t, (loaded, _, keep), (ids, mask, _) in pairs:
 
         def forward(m: Any = loaded.model, i: Any = ids, k: int = keep, a: Any = mask) -> None:

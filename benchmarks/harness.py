@@ -49,9 +49,9 @@ def build_trainer(spec_data: dict[str, Any], device: str = "cpu") -> Trainer:
 
 def kvd_step(trainer: Trainer) -> dict[str, Any]:
     """One optimizer step exactly as `kvd train` runs it, with its step record serialised."""
-    trainer.model.set_step(trainer.step)
+    trainer.curriculum.set_step(trainer.state.step)
     record = trainer.train_step()
-    trainer.step += 1
+    trainer.state.step += 1
     json.dumps(record)  # the metrics line the loop writes
     return record
 
@@ -70,11 +70,11 @@ class Bare:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        readers = trainer.logit_readers()
-        wants_all = trainer.model.fusion.needs_teacher_ce
+        readers = trainer.curriculum.stage.logit_readers
+        wants_all = trainer.curriculum.stage.fusion.needs_teacher_ce
         self.teachers = [
             (t.loaded, t.add_bos, 0 if (t.id in readers or wants_all) else 1)
-            for t in trainer.teachers
+            for t in trainer.teacher_side.teachers
             if t.loaded is not None
         ]
         self.student = copy.deepcopy(trainer.student.model)

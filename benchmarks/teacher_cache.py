@@ -48,7 +48,7 @@ def build_times(spec: dict[str, Any], root: Path, device: str) -> tuple[float, f
         return timed(lambda: [bare.teacher_forwards(b) for b in batches[i]], trainer.rt.device)
 
     before = [teachers(i) for i in range(steps)]
-    writer = CacheWriter(root, trainer.fingerprint())
+    writer = CacheWriter(root, trainer.teacher_side.fingerprint())
     stamps: list[float] = []
     put = writer.put
 
@@ -58,7 +58,9 @@ def build_times(spec: dict[str, Any], root: Path, device: str) -> tuple[float, f
 
     writer.put = stamped_put  # type: ignore[method-assign]
     start = time.perf_counter()
-    trainer.build_cache(writer, Progress(enabled=False))
+    trainer.teacher_side.build_cache(
+        writer, Progress(enabled=False), trainer.curriculum, trainer.batches
+    )
     per_step = [b - a for a, b in zip([start, *stamps], stamps, strict=False)]
     after = [teachers(i) for i in range(steps)]
     bare_s = statistics.median(before[WARMUP:] + after[WARMUP:])
@@ -68,7 +70,8 @@ def build_times(spec: dict[str, Any], root: Path, device: str) -> tuple[float, f
 def cached_step_times(spec: dict[str, Any], device: str) -> tuple[float, float]:
     """Median seconds of the cached kvd step and of the bare student step, interleaved."""
     trainer = build_trainer(spec, device)
-    assert trainer.cache is not None and not any(t.loaded for t in trainer.teachers)
+    side = trainer.teacher_side
+    assert side.cache is not None and not any(t.loaded for t in side.teachers)
     bare = Bare(trainer)
     kvd, student = [], []
     for i in range(spec["training"]["max_steps"]):

@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.console import Console
 
 from kvd.ab_groups import builtin_groups, expand_names, setting
-from kvd.build import uses_teachers
 from kvd.component import config_class
+from kvd.curriculum import logit_teachers, uses_teachers
 from kvd.data import read_manifest
 from kvd.diff import dotted_differences
 from kvd.errors import KvdError, SpecError
@@ -237,9 +237,7 @@ def cache_key(spec: RunSpec) -> str | None:
     teacher. The cache's own fingerprint is checked again when a run opens it."""
     if not uses_teachers(spec):
         return None
-    ids = [t.id for t in spec.teachers]
     stages = spec.training.stages
-    refs = list(spec.losses) + [x for st in stages for x in st.losses or []]
     fusions = [spec.fusion] + [st.fusion for st in stages if st.fusion is not None]
     payload = {
         "teachers": [t.model_dump(mode="json", exclude={"weight"}) for t in spec.teachers],
@@ -249,9 +247,7 @@ def cache_key(spec: RunSpec) -> str | None:
         "seed": spec.seed,
         "steps": [spec.training.max_steps, spec.training.batch_size, spec.training.grad_accum],
         "stages": [[st.start_step, st.teachers] for st in stages],
-        "logits": sorted(
-            {t for r in refs if r.component.inputs == "logits" for t in r.teachers or ids}
-        ),
+        "logits": logit_teachers(spec),
         "teacher_ce": any(f.component.needs_teacher_ce for f in fusions),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -305,10 +301,10 @@ def check_same_spec(run: PlannedRun) -> None:
 def build_cache(run: PlannedRun, base_dir: Path, console: Console) -> None:
     """Build the run's offline teacher cache unless a complete one is there (a partial one, left
     by an interrupted build, is built again)."""
+    from kvd.assemble import build_teacher_cache
     from kvd.progress import Progress
     from kvd.runtime import setup_runtime
-    from kvd.teacher_cache import MANIFEST, CacheWriter
-    from kvd.train import Trainer
+    from kvd.teacher_cache import MANIFEST
 
     assert run.spec.training.teacher_cache is not None
     root = Path(run.spec.training.teacher_cache)
@@ -318,8 +314,7 @@ def build_cache(run: PlannedRun, base_dir: Path, console: Console) -> None:
         shutil.rmtree(root)
     console.print(f"  building the teacher cache {root}", markup=False)
     runtime = setup_runtime(run.spec.training.device)
-    trainer = Trainer(run.spec, run.dir, runtime, base_dir, use_cache=False)
-    trainer.build_cache(CacheWriter(root, trainer.fingerprint()), Progress(label="cache"))
+    build_teacher_cache(run.spec, runtime, base_dir, root, Progress(label="cache"))
 
 
 def check_split(run: PlannedRun, reference: tuple[Path, str] | None) -> tuple[Path, str]:
@@ -494,7 +489,7 @@ def run_code_versions(p: Plan) -> dict[str, list[str]]:
 def version_label(code: dict[str, Any] | None) -> str:
     if code is None:
         return "unknown"
-    return code["commit"][:12] + (" (dirty)" if code["dirty"] else "")
+    return f"{code['commit'][:12]}{' (dirty)' if code['dirty'] else ''}"
 
 
 def code_line(facts: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ teachers' targets (see kvd.targets) and returns the weighted total loss with its
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,36 +16,27 @@ from torch import Tensor, nn
 
 from kvd.align.rope import RopeAligner
 from kvd.capture import capture_kv, unpack_rows
+from kvd.curriculum import (
+    Curriculum,
+    LossTerm,
+    Stage,
+    is_ce,
+    reads_logits,
+    reads_projected_kv,
+    reads_raw_kv,
+)
 from kvd.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, fuse, fused_mask
 from kvd.losses.base import Loss, masked_mean
 from kvd.losses.kv import KVLoss
 from kvd.losses.rowwise import RowTerm, rowwise_group
+from kvd.models import LoadedModel
 from kvd.project.base import KVProjector, Projector
-from kvd.targets import TeacherTargets
+from kvd.spec import ProjectorRef
+from kvd.targets import TeacherRuntime, TeacherTargets
 from kvd.types import KVShape
 
 Direction = Literal["teacher_to_student", "student_to_teacher"]
-
-
-@dataclass
-class LossTerm:
-    """One configured loss: its module, weight in the total, and the teachers it applies to."""
-
-    name: str
-    module: Loss
-    weight: float
-    teachers: list[str]
-
-
-@dataclass
-class Stage:
-    """A curriculum stage from `start_step` on: the active teachers, fusion and losses."""
-
-    start_step: int
-    teachers: list[str]
-    fusion: Fusion
-    losses: list[LossTerm]
 
 
 @dataclass
@@ -71,8 +62,8 @@ def kv_parts(
     per_position: bool = False,
 ) -> Tensor:
     """A KV loss on (student, target) keys and values: the mean of both, or only the part its
-    `parts` option names ("k" or "v"; losses without the option compare both). per_position:
-    the KVLoss's loss per position [B, T] instead of the scalar."""
+    `parts` names ("k" or "v"). per_position: the KVLoss's loss per position [B, T] instead of
+    the scalar."""
     fn: Callable[[Tensor, Tensor, Tensor], Tensor] = loss
     if per_position:
         if not isinstance(loss, KVLoss):
@@ -81,10 +72,9 @@ def kv_parts(
                 hint="use fusion combine: targets with this loss",
             )
         fn = loss.per_position
-    parts = getattr(loss, "parts", "kv")
-    if parts == "k":
+    if loss.parts == "k":
         return fn(*keys, mask)
-    if parts == "v":
+    if loss.parts == "v":
         return fn(*values, mask)
     return 0.5 * (fn(*keys, mask) + fn(*values, mask))
 
@@ -94,7 +84,8 @@ class DistillModel(nn.Module):
 
     teacher_shapes: KV shape per teacher id; teacher_layers: the student layers each teacher's
     plan distils; teacher_weights: spec weights (per-teacher losses are weighted by them,
-    normalised over the teachers a loss uses).
+    normalised over the teachers a loss uses); curriculum: the stages, whose fusions and losses
+    this module holds (so one DDP wrapper synchronises them), and the one in force.
     """
 
     def __init__(
@@ -108,7 +99,7 @@ class DistillModel(nn.Module):
         projector_cls: type[Projector],
         projector_config: Any,
         direction: Direction,
-        stages: list[Stage],
+        curriculum: Curriculum,
         rope: RopeAligner,
     ) -> None:
         super().__init__()
@@ -119,10 +110,8 @@ class DistillModel(nn.Module):
         self.direction = direction
         self.rope = rope
         self.layers = sorted({j for layers in teacher_layers.values() for j in layers})
-        self.stages = stages
-        self.stage_fusions = nn.ModuleList(stage.fusion for stage in stages)
-        self.loss_modules = nn.ModuleList(t.module for stage in stages for t in stage.losses)
-        self.stage_index = 0
+        self.curriculum = curriculum
+        self.stage_fusions, self.loss_modules = curriculum.modules()
         self.real_token_head = True
         """Run the student's LM head on real tokens only (False: on every position, padding
         included, as a plain transformers forward does; benchmarks/ measure both)."""
@@ -139,7 +128,7 @@ class DistillModel(nn.Module):
                 )
         self.projectors = nn.ModuleDict(projectors)
         self.student_shape = student_shape
-        for stage in stages:
+        for stage in curriculum.stages:
             if direction == "student_to_teacher" and stage.fusion.routes_on_features:
                 raise PlanError(
                     "projector.direction student_to_teacher compares in each teacher's own "
@@ -149,7 +138,7 @@ class DistillModel(nn.Module):
 
     @property
     def stage(self) -> Stage:
-        return self.stages[self.stage_index]
+        return self.curriculum.stage
 
     @property
     def fusion(self) -> Fusion:
@@ -158,13 +147,6 @@ class DistillModel(nn.Module):
     @property
     def loss_terms(self) -> list[LossTerm]:
         return self.stage.losses
-
-    def set_step(self, step: int) -> bool:
-        """Select the stage in force at optimizer step `step`; True when it changed."""
-        index = max(i for i, s in enumerate(self.stages) if s.start_step <= step)
-        changed = index != self.stage_index
-        self.stage_index = index
-        return changed
 
     def heads_parameters(self) -> list[nn.Parameter]:
         """Learned parameters besides the student's (projectors, fusions, losses)."""
@@ -179,7 +161,7 @@ class DistillModel(nn.Module):
         task: Tensor | None = None,
     ) -> StepOutput:
         """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
-        need_kv = any(t.module.inputs in ("kv", "kv_raw") for t in self.loss_terms)
+        need_kv = self.stage.reads_kv
         mask = attention_mask.bool()
         rows = mask.flatten().nonzero().squeeze(1) if self.real_token_head else None
         cap = capture_kv(
@@ -200,12 +182,12 @@ class DistillModel(nn.Module):
         for term in self.loss_terms:
             if any(term is g for g in grouped):
                 continue
-            if term.module.inputs in ("ce", "logits") and full is None:
+            if (is_ce(term.module) or reads_logits(term.module)) and full is None:
                 full = cap.logits if rows is None else unpack_rows(cap.logits, rows, mask.shape)
-            if term.module.inputs == "ce":
+            if is_ce(term.module):
                 assert full is not None
                 value = term.module(full, input_ids, mask)
-            elif term.module.inputs == "kv" and self.direction == "teacher_to_student":
+            elif reads_projected_kv(term.module) and self.direction == "teacher_to_student":
                 value = self._fused_kv(term, s_keys, s_values, targets, task, out)
             else:
                 value = self._per_teacher(term, full, s_keys, s_values, targets, out)
@@ -231,12 +213,12 @@ class DistillModel(nn.Module):
         found_rows: list[tuple[LossTerm, str | None, float, RowTerm]] = []
         handled: list[LossTerm] = []
         for term in self.loss_terms:
-            if term.module.inputs == "ce":
+            if is_ce(term.module):
                 row = term.module.row_term(logits, input_ids, mask)
                 if row is not None:
                     found_rows.append((term, None, 1.0, row))
                     handled.append(term)
-            elif term.module.inputs == "logits":
+            elif reads_logits(term.module):
                 active = [t for t in term.teachers if t in targets]
                 found = []
                 for tid, w in self._weights(active).items():
@@ -279,12 +261,12 @@ class DistillModel(nn.Module):
         total = out.total.new_zeros(())
         for tid, w in self._weights(active).items():
             t = targets[tid]
-            if term.module.inputs == "logits":
+            if reads_logits(term.module):
                 if t.logits is None:
                     continue
                 assert logits is not None
                 value = term.module(logits, t.logits, t.mask)
-            elif term.module.inputs == "kv_raw":
+            elif reads_raw_kv(term.module):
                 value = self._raw(term.module, s_keys, s_values, t)
             else:
                 value = self._s2t(term, tid, t, s_keys, s_values, out)
@@ -431,3 +413,27 @@ class DistillModel(nn.Module):
         if t is None or t.ce is None:
             return torch.full((like.shape[0],), float("inf"), device=like.device)
         return t.ce
+
+
+def build_distill_model(
+    student: LoadedModel,
+    teachers: Sequence[TeacherRuntime],
+    teacher_shapes: dict[str, KVShape],
+    curriculum: Curriculum,
+    projector: ProjectorRef,
+    rope: RopeAligner,
+) -> DistillModel:
+    """The DistillModel of a student and its teachers (their plans, KV shapes and weights),
+    with the spec's projector; the curriculum's fusions and losses become its modules."""
+    return DistillModel(
+        student.model,
+        student.geometry.kv_shape,
+        teacher_shapes={t.id: teacher_shapes[t.id] for t in teachers},
+        teacher_layers={t.id: t.plan.student_layers for t in teachers},
+        teacher_weights={t.id: t.weight for t in teachers},
+        projector_cls=projector.component,
+        projector_config=projector.config,
+        direction=projector.direction,
+        curriculum=curriculum,
+        rope=rope,
+    )

@@ -2,8 +2,9 @@
 
 Every reader turns its input into a transformers config (`AutoConfig`) and reads the geometry from
 that, so per-layer RoPE and layer types come out as the model itself will use them:
-`read_hf_dir` (config.json), `read_gguf` (GGUF header), `read_preset` (kvd/presets/*.yaml) and
-`geometry_from_dict` (an inline config such as a tiny student's).
+`read_hf_dir` (config.json), `kvd.gguf_header.read_gguf` (GGUF header),
+`kvd.presets.read_preset` (kvd/presets/*.yaml) and `geometry_from_dict` (an inline config such
+as a tiny student's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kvd.errors import KvdError
+from kvd.types import KVShape
 
 KVLayout = Literal["MHA", "GQA", "MQA"]
 FULL = "full_attention"
@@ -87,6 +89,11 @@ class ModelGeometry:
         return "MQA" if self.num_kv_heads == 1 else "GQA"
 
     @property
+    def kv_shape(self) -> KVShape:
+        """One layer's KV geometry: num_kv_heads heads of head_dim."""
+        return KVShape(self.num_kv_heads, self.head_dim)
+
+    @property
     def gqa_ratio(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
@@ -124,7 +131,9 @@ def tokens_fingerprint(tokens: Iterable[str]) -> str:
 def config_from_dict(data: Mapping[str, Any], *, where: str) -> Any:
     """A transformers config from an HF config dict (`model_type` plus keyword arguments)."""
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]
+        CONFIG_MAPPING_NAMES,
+    )
 
     kwargs = dict(data)
     model_type = kwargs.pop("model_type", None)
@@ -256,7 +265,9 @@ def hf_dir_config(
 ) -> Any:
     """The transformers config of a local HF model directory; errors name the path."""
     from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import (  # type: ignore[attr-defined]
+        CONFIG_MAPPING_NAMES,
+    )
 
     if not path.exists():
         raise KvdError(f"{path}: no such directory", hint="check the model path")
@@ -325,26 +336,3 @@ def _read_json(path: Path, *, missing: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise KvdError(f"{path}: expected a JSON object")
     return data
-
-
-def read_gguf(path: Path) -> ModelGeometry:
-    """The geometry of a GGUF file from its header (fast: no tensor is read)."""
-    from kvd.gguf_header import hf_config_dict, read_gguf_header, tokenizer_facts
-
-    header = read_gguf_header(path)
-    return geometry_from_dict(
-        hf_config_dict(header),
-        name=str(header.get("general.name") or path.stem),
-        tokenizer=tokenizer_facts(header),
-        where=str(path),
-    )
-
-
-def read_preset(name: str) -> ModelGeometry:
-    """The geometry of a built-in preset (case-insensitive name; unknown -> did-you-mean)."""
-    from kvd.presets import load_preset
-
-    preset = load_preset(name)
-    return geometry_from_dict(
-        preset.config, name=preset.name, tokenizer=preset.tokenizer, where=f"preset {preset.name}"
-    )

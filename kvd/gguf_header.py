@@ -25,7 +25,7 @@ from gguf.constants import (
 )
 
 from kvd.errors import KvdError
-from kvd.geometry import TokenizerFacts
+from kvd.geometry import ModelGeometry, TokenizerFacts, geometry_from_dict
 
 TOKENS_KEY = "tokenizer.ggml.tokens"
 _SCALAR = {
@@ -275,4 +275,15 @@ def tokenizer_facts(header: GGUFHeader) -> TokenizerFacts:
         family=f"{model}/{pre}" if pre else model,
         sha256=header.tokens_sha256,
         adds_bos=bool(model == "llama" if adds_bos is None else adds_bos),  # llama.cpp's default
+    )
+
+
+def read_gguf(path: Path) -> ModelGeometry:
+    """The geometry of a GGUF file from its header (fast: no tensor is read)."""
+    header = read_gguf_header(path)
+    return geometry_from_dict(
+        hf_config_dict(header),
+        name=str(header.get("general.name") or path.stem),
+        tokenizer=tokenizer_facts(header),
+        where=str(path),
     )

@@ -18,7 +18,6 @@ from kvd.component import ComponentConfig, config_class
 from kvd.errors import KvdError
 from kvd.geometry import ModelGeometry
 from kvd.manager import registry
-from kvd.types import KVShape
 
 BF16 = 2
 """Bytes per value in reports (KV kept in bf16)."""
@@ -307,7 +306,7 @@ def _projector(
     t: ModelGeometry, s: ModelGeometry, choices: Choices, projector_cls: Any, problems: list[str]
 ) -> tuple[str, int]:
     """(describe(), parameters of one K or V projector); PlanError -> a problem."""
-    source, target = KVShape(t.num_kv_heads, t.head_dim), KVShape(s.num_kv_heads, s.head_dim)
+    source, target = t.kv_shape, s.kv_shape
     if choices.direction == "student_to_teacher":
         source, target = target, source
     try:

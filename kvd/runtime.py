@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from kvd.errors import KvdError
+from kvd.types import TokenBatch
 
 
 @dataclass
@@ -55,6 +58,22 @@ class PreemptionFlag:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextmanager
+def oom_guard(what: str, batch: TokenBatch, device: torch.device, step: int) -> Iterator[None]:
+    """Out of memory becomes an error naming the model and the batch (input_ids [B, T]) at
+    optimizer step `step` (0-based), not a traceback."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        b, t = batch.input_ids.shape
+        raise KvdError(
+            f"out of memory in {what} on {device} with a batch of {b} x {t} tokens "
+            f"(step {step + 1})",
+            hint="lower training.batch_size (raise grad_accum to keep the batch), "
+            "data.seq_len, use dtype: bfloat16 for teachers, or activation_checkpointing",
+        ) from None
 
 
 def setup_runtime(device: str) -> Runtime:

@@ -9,7 +9,7 @@ as a `SpecError` with dotted locations (`teachers.1.path`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -22,11 +22,17 @@ from pydantic import (
     model_validator,
 )
 
+from kvd.align.base import Aligner
 from kvd.component import ComponentConfig, config_class
 from kvd.errors import KvdError, Problem, SpecError
+from kvd.fusion.base import Fusion
+from kvd.losses.base import Loss
 from kvd.manager import registry
 from kvd.models import ModelSource
 from kvd.names import checked_name
+from kvd.project.base import Projector
+
+T = TypeVar("T")
 
 
 class Strict(BaseModel):
@@ -53,15 +59,30 @@ class ComponentRef(BaseModel):
         return dict(self.model_extra or {})
 
     @property
-    def config(self) -> ComponentConfig:
-        """The validated component Config (available after `resolve_spec`)."""
+    def config(self) -> Any:
+        """The validated Config (available after `resolve_spec`): an instance of the
+        component's own Config class, the one its constructor takes."""
         if self._config is None:
             self._config = config_class(self.component).model_validate(self.options())
         return self._config
 
     @property
     def component(self) -> Any:
+        """The registered class (subclasses of ComponentRef narrow it to their kind's base)."""
         return registry(self.kind).get(self.component_name)
+
+    def component_of(self, base: type[T]) -> type[T]:
+        """The registered class, checked to subclass `base`: a plugin that registered
+        something else is named in the error."""
+        found = registry(self.kind).get(self.component_name)
+        if not (isinstance(found, type) and issubclass(found, base)):
+            entry = registry(self.kind).entry(self.component_name)
+            raise KvdError(
+                f"{self.kind} component {self.component_name!r} (plugin {entry.plugin!r} of "
+                f"{entry.package} {entry.version}) is not a {base.__module__}.{base.__qualname__}",
+                hint="fix or uninstall that plugin (see `kvd plugins`)",
+            )
+        return found
 
 
 def _ref(default: str) -> Any:
@@ -79,6 +100,10 @@ class NamedRef(ComponentRef):
 class AlignerRef(NamedRef):
     kind: ClassVar[str] = "aligners"
 
+    @property
+    def component(self) -> type[Aligner]:
+        return self.component_of(Aligner)
+
 
 class ProjectorRef(NamedRef):
     """The learned KV projector and the direction it maps."""
@@ -88,9 +113,17 @@ class ProjectorRef(NamedRef):
     """teacher_to_student: project teachers into the student's geometry and fuse there;
     student_to_teacher: project the student into each teacher's (fixed targets)."""
 
+    @property
+    def component(self) -> type[Projector]:
+        return self.component_of(Projector)
+
 
 class FusionRef(NamedRef):
     kind: ClassVar[str] = "fusions"
+
+    @property
+    def component(self) -> type[Fusion]:
+        return self.component_of(Fusion)
 
 
 class LossRef(NamedRef):
@@ -102,6 +135,10 @@ class LossRef(NamedRef):
     teachers: list[str] | None = Field(
         None, description="Teacher ids this loss applies to (default: every teacher it fits)."
     )
+
+    @property
+    def component(self) -> type[Loss]:
+        return self.component_of(Loss)
 
 
 class DataRef(NamedRef):
@@ -135,10 +172,13 @@ class ModelRef(ComponentRef):
     )
     _base_dir: Path = PrivateAttr(default=Path("."))
 
+    @property
+    def component(self) -> type[ModelSource]:
+        return self.component_of(ModelSource)
+
     def build(self) -> ModelSource:
         """The model source, with relative paths taken from the spec file's folder."""
-        source: ModelSource = self.component(self.config, base_dir=self._base_dir)
-        return source
+        return self.component(self.config, base_dir=self._base_dir)
 
 
 class TeacherRef(ModelRef):

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from kvd.cli.app import main
-from kvd.geometry import ModelGeometry, read_preset
+from kvd.geometry import ModelGeometry
+from kvd.presets import read_preset
 from kvd.probe import compare_cache
 from kvd.sources.preset import PresetSource
 

@@ -10,13 +10,14 @@ import torch
 from kvd.align.base import LayerAligner, TokenAligner
 from kvd.align.rope import RopeAligner
 from kvd.calibrate import layer_calibration
-from kvd.distill import DistillModel, LossTerm, Stage
+from kvd.curriculum import Curriculum, LossTerm, Stage
+from kvd.distill import DistillModel, build_distill_model
 from kvd.manager import registry
 from kvd.models import LoadedModel
 from kvd.sources.tiny import TinySource
+from kvd.spec import ProjectorRef
 from kvd.targets import TeacherRuntime, teacher_targets
 from kvd.tokenize import tokenize
-from kvd.types import KVShape
 from tests.specs import LLAMA_TEACHER, QWEN_TEACHER, STUDENT
 
 TEXTS = ["Return the sum of a and b.", "A class that holds a dict of pending tasks, in order."]
@@ -62,40 +63,22 @@ def build(
         tid: TeacherRuntime(tid, 1.0, t, plan(t), add_bos=False) for tid, t in teachers.items()
     }
     fusion_cls, fusion_cfg = component("fusions", fusion, **(fusion_options or {}))
-    shape = KVShape(student.geometry.num_kv_heads, student.geometry.head_dim)
     n_layers = len({j for r in runtimes.values() for j in r.plan.student_layers})
     terms = []
     for name, options in losses or [("kv_mse", {})]:
         cls, cfg = component("losses", name, **options)
         terms.append(LossTerm(name, cls(cfg), 1.0, list(teachers)))
-    proj_cls, proj_cfg = component("projectors", projector)
-    model = DistillModel(
-        student.model,
-        shape,
-        teacher_shapes={
-            tid: KVShape(t.geometry.num_kv_heads, t.geometry.head_dim)
-            for tid, t in teachers.items()
-        },
-        teacher_layers={tid: r.plan.student_layers for tid, r in runtimes.items()},
-        teacher_weights={tid: 1.0 for tid in teachers},
-        projector_cls=proj_cls,
-        projector_config=proj_cfg,
-        direction="teacher_to_student",
-        stages=[
-            Stage(
-                0,
-                list(teachers),
-                fusion_cls(
-                    fusion_cfg,
-                    n_teachers=len(teachers),
-                    n_layers=n_layers,
-                    kv_dim=shape.head_dim,
-                    n_tasks=2,
-                ),
-                terms,
-            )
-        ],
-        rope=rope_aligner,
+    kv_dim = student.geometry.head_dim
+    fused = fusion_cls(
+        fusion_cfg, n_teachers=len(teachers), n_layers=n_layers, kv_dim=kv_dim, n_tasks=2
+    )
+    model = build_distill_model(
+        student,
+        list(runtimes.values()),
+        {tid: t.geometry.kv_shape for tid, t in teachers.items()},
+        Curriculum([Stage(0, list(teachers), fused, terms)]),
+        ProjectorRef.model_validate({"name": projector}),
+        rope_aligner,
     )
     return model, runtimes, rope_aligner
 
@@ -277,3 +260,4 @@ def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
         with_a = parts["loss/kv_mse"]
         without_a = run("targets", scale, drop_llama=True)["loss/kv_mse"]
         assert (abs(with_a - without_a) < 1e-3 * with_a) == lost
+

@@ -14,12 +14,11 @@ from kvd.geometry import (
     SLIDING,
     TokenizerFacts,
     geometry_from_dict,
-    read_gguf,
     read_hf_dir,
-    read_preset,
     tokens_fingerprint,
 )
-from kvd.presets import load_preset, preset_names
+from kvd.gguf_header import read_gguf
+from kvd.presets import load_preset, preset_names, read_preset
 from kvd.sources.byte_tokenizer import byte_tokenizer, byte_tokenizer_facts
 from tests.conftest import write_tiny_gguf
 

@@ -177,3 +177,25 @@ def test_no_plugins_flag(
     monkeypatch.setenv("KVD_LOAD_PLUGINS", "kvd_zero_plugin")
     assert main(["--no-plugins", "plugins", "--json"]) == 0
     assert "zero_fusion" not in capsys.readouterr().out
+
+
+def test_a_component_of_the_wrong_class_is_refused_naming_its_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The registries are typed per kind: a spec that names a registered "fusion" that is not
+    a kvd.fusion.Fusion fails with exit 2 naming the plugin and its package, not deep inside
+    training."""
+    import yaml
+
+    from tests.specs import tiny_spec
+
+    install_fake_plugin(
+        tmp_path / "p", monkeypatch, dist="kvd-zero", module="kvd_zero_plugin", source=FUSION_PLUGIN
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run", fusion={"name": "zero_fusion"})))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "zero_fusion" in err and "kvd_zero_plugin" in err and "kvd-zero 1.2.3" in err
+    assert "kvd.fusion.base.Fusion" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

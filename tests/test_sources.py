@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from kvd.errors import KvdError
 from kvd.files import atomic_path
-from kvd.geometry import FULL, SLIDING, read_gguf
+from kvd.geometry import FULL, SLIDING
+from kvd.gguf_header import read_gguf
 from kvd.manager import registry
 from kvd.sources.byte_tokenizer import VOCAB_SIZE
 from kvd.sources.gguf_file import GgufSource, converted_dir, model_from_gguf

@@ -318,8 +318,8 @@ def test_teachers_without_a_kv_loss_yield_no_kv(
     data["losses"] = [{"name": "ce"}, {"name": "uld"}]
     data["training"]["teacher_cache"] = str(tmp_path / "cache")
     trainer = Trainer(parse_spec(data), tmp_path / "unused", setup_runtime("cpu"), Path("."))
-    texts, _, batch = trainer.micro_batch()
-    targets = trainer.targets(texts, batch)
+    texts, _, batch = trainer.batches.next()
+    targets = trainer.teacher_side.targets(trainer.curriculum.stage, texts, batch, step=0)
     assert set(targets) == {"llama", "qwen"}
     assert all(not t.keys and not t.values and t.logits is not None for t in targets.values())
     spec = tmp_path / "spec.yaml"

@@ -20,7 +20,8 @@ def _centred(x: torch.Tensor) -> torch.Tensor:
 def _self_norm(x: torch.Tensor) -> torch.Tensor:
     """||X^T X||_F = ||X X^T||_F, through the smaller Gram matrix."""
     gram = x.T @ x if x.shape[1] <= x.shape[0] else x @ x.T
-    return torch.linalg.matrix_norm(gram)
+    norm: torch.Tensor = torch.linalg.matrix_norm(gram)
+    return norm
 
 
 def _cross(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -7,14 +7,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from kvd.build import uses_teachers
+from kvd.assemble import build_teacher_cache
 from kvd.cli.options import set_option
+from kvd.curriculum import uses_teachers
 from kvd.errors import KvdError
 from kvd.progress import Progress
 from kvd.runtime import setup_runtime
 from kvd.spec import load_spec
-from kvd.teacher_cache import CacheWriter, ensure_empty
-from kvd.train import Trainer
+from kvd.teacher_cache import ensure_empty
 
 
 def cache_teachers(
@@ -34,10 +34,8 @@ def cache_teachers(
     root = Path(spec.training.teacher_cache)
     ensure_empty(root)  # before loading any model
     runtime = setup_runtime(spec.training.device)
-    trainer = Trainer(spec, spec.output_dir(), runtime, spec_path.parent, use_cache=False)
-    cache = trainer.build_cache(
-        CacheWriter(root, trainer.fingerprint()), Progress(label="cache", every=10)
-    )
+    progress = Progress(label="cache", every=10)
+    cache = build_teacher_cache(spec, runtime, spec_path.parent, root, progress)
     size = sum(p.stat().st_size for p in root.iterdir()) / 2**20
     Console(highlight=False).print(
         f"cached {cache.steps} steps of teacher targets in {root} ({size:.0f} MB)"

@@ -75,7 +75,7 @@ def build_data(
     min_tokens: int = 16,
 ) -> Data:
     """Read the dataset named in the spec, split it by content hash, and cut student windows."""
-    source: TextSource = data_ref.component(data_ref.config, base_dir=base_dir)
+    source = data_ref.component_of(TextSource)(data_ref.config, base_dir=base_dir)
     documents = list(source.documents())
     if not documents:
         raise KvdError(

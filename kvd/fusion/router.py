@@ -63,7 +63,8 @@ class LearnableFusion(RoutedFusion):
         if self.kind != "attention":
             return out
         keys = self.key(self.norm(head_pooled(inp.teacher)))  # [N, B, T, hidden]
-        return torch.einsum("btc,nbtc->btn", out, keys) / keys.shape[-1] ** 0.5
+        scores: Tensor = torch.einsum("btc,nbtc->btn", out, keys) / keys.shape[-1] ** 0.5
+        return scores
 
 
 class TopKFusion(LearnableFusion):

@@ -42,10 +42,16 @@ def valid_count(mask: Tensor, values: Tensor) -> Tensor:
     return (mask.sum() * (values.numel() // max(mask.numel(), 1))).clamp_min(1)
 
 
+KVParts = Literal["kv", "k", "v"]
+"""Which of a KV loss's keys and values it compares: both (their mean), K only or V only."""
+
+
 class Loss(nn.Module):
-    """A loss term built as `cls(config)`; `inputs` tells the trainer which tensors to pass."""
+    """A loss term built as `cls(config)`; `inputs` tells the trainer which tensors to pass
+    (kvd.curriculum interprets it); `parts`, for "kv" losses, which of K and V to compare."""
 
     inputs: ClassVar[LossInputs]
+    parts: KVParts = "kv"
 
     class Config(ComponentConfig):
         """No options."""

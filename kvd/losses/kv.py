@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kvd.losses.base import Loss, LossInputs, keep, masked_mean, valid_count
+from kvd.losses.base import KVParts, Loss, LossInputs, keep, masked_mean, valid_count
 
 GUARD_EPS = 1e-6
 """Floor of sigma^2 relative to the target's mean square; `GUARD_EPS**2` is an absolute floor."""
@@ -73,7 +73,7 @@ class KVLoss(Loss):
         "k" or "v" compares only one of them (the K-only / V-only ablation of `kvd ab`)."""
 
         guard: Literal["none", "variance", "centred"] = "variance"
-        parts: Literal["kv", "k", "v"] = "kv"
+        parts: KVParts = "kv"
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)

@@ -51,7 +51,7 @@ class RelationKLLoss(Loss):
     def relations(self, x: Tensor, allowed: Tensor) -> Tensor:
         """x [B, H, T, D], allowed [B, 1, T, T] -> log relations [B, R, T, T]."""
         chunks = split_heads(merge_heads(x), self.relation_heads)  # [B, R, T, d_r]
-        scores = chunks @ chunks.transpose(-1, -2) / chunks.shape[-1] ** 0.5
+        scores: Tensor = chunks @ chunks.transpose(-1, -2) / chunks.shape[-1] ** 0.5
         scores = scores.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
         return scores.log_softmax(dim=-1)
 

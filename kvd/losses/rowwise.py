@@ -74,7 +74,10 @@ def rowwise_group(
     One pass over the rows and one gradient buffer for the whole group: the weighted gradients
     are summed chunk by chunk in forward, where autograd would keep a buffer per loss and add
     them in backward."""
-    total, *means = _Rowwise.apply(logits, terms, index)
+    outputs: tuple[Tensor, ...] = _Rowwise.apply(  # type: ignore[no-untyped-call]
+        logits, terms, index
+    )  # torch's Function.apply is unannotated
+    total, *means = outputs
     return total, means
 
 
@@ -211,4 +214,5 @@ class SoftKLRows:
             p.index_fill_(0, left_out, 0.0)
         kl = torch.linalg.vecdot(p, d.sub_(xs)) - lse_t + lse
         acc.addcmul_(p, coef[:, None], value=-1.0)
-        return kl * self.tau**2
+        out: Tensor = kl * self.tau**2
+        return out

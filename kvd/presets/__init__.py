@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from kvd.errors import KvdError
-from kvd.geometry import TokenizerFacts
+from kvd.geometry import ModelGeometry, TokenizerFacts, geometry_from_dict
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,12 @@ def load_preset(name: str) -> Preset:
         repo=str(data["repo"]),
         config=dict(data["config"]),
         tokenizer=TokenizerFacts(**data["tokenizer"]),
+    )
+
+
+def read_preset(name: str) -> ModelGeometry:
+    """The geometry of a built-in preset (case-insensitive name; unknown -> did-you-mean)."""
+    preset = load_preset(name)
+    return geometry_from_dict(
+        preset.config, name=preset.name, tokenizer=preset.tokenizer, where=f"preset {preset.name}"
     )

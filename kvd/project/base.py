@@ -25,7 +25,8 @@ def merge_heads(x: Tensor) -> Tensor:
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """[..., T, H*D] -> [..., H, T, D], the inverse of `merge_heads`."""
-    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+    split: Tensor = x.unflatten(-1, (heads, -1))
+    return split.transpose(-3, -2)
 
 
 def identity_like_(weight: Tensor) -> None:

@@ -23,7 +23,8 @@ class HeadDimProjector(Projector):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, H, T, Ds] -> [B, H, T, Dt]."""
-        return self.linear(x)
+        out: Tensor = self.linear(x)
+        return out
 
     def describe(self) -> str:
         s, t = self.source.head_dim, self.target.head_dim

@@ -21,7 +21,8 @@ class HeadDimThenHeadsProjector(Projector):
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, Hs, T, Ds] -> [B, Hs, T, Dt] -> [B, Ht, T, Dt]."""
-        return self.heads(self.head_dim(x))
+        out: Tensor = self.heads(self.head_dim(x))
+        return out
 
     def describe(self) -> str:
         return f"{self.head_dim.describe()}; {self.heads.describe()}"

@@ -15,7 +15,8 @@ import torch
 from kvd.component import ComponentConfig
 from kvd.errors import KvdError
 from kvd.files import atomic_path
-from kvd.geometry import ModelGeometry, read_gguf
+from kvd.geometry import ModelGeometry
+from kvd.gguf_header import read_gguf
 from kvd.models import LoadedModel, ModelSource
 from kvd.sources.cache import cache_dir, sha256_file
 from kvd.sources.hf import load_tokenizer_dir

@@ -14,9 +14,9 @@ import torch
 from pydantic import field_validator
 
 from kvd.component import ComponentConfig
-from kvd.geometry import ModelGeometry, read_preset
+from kvd.geometry import ModelGeometry
 from kvd.models import LoadedModel, ModelSource
-from kvd.presets import find_preset, load_preset, unknown_preset_hint
+from kvd.presets import find_preset, load_preset, read_preset, unknown_preset_hint
 from kvd.sources.tiny import (
     TinySource,
     load_tokenizer,

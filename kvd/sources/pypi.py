@@ -24,7 +24,8 @@ from pydantic import Field, model_validator
 from kvd.component import ComponentConfig
 from kvd.errors import KvdError
 from kvd.files import atomic_path
-from kvd.geometry import ModelGeometry, read_gguf
+from kvd.geometry import ModelGeometry
+from kvd.gguf_header import read_gguf
 from kvd.models import LoadedModel, ModelSource
 from kvd.sources.cache import cache_dir
 from kvd.sources.gguf_file import converted_dir, load_converted

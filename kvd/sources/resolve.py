@@ -1,17 +1,22 @@
-"""A model named on the command line: a preset, an HF dir, a .gguf file or `pypi:PACKAGE`."""
+"""A model named on the command line: a preset, an HF dir, a .gguf file or `pypi:PACKAGE`,
+resolved to the registered model source of that kind."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from kvd.errors import KvdError
+from kvd.manager import registry
 from kvd.models import ModelSource
 from kvd.presets import find_preset, unknown_preset_hint
-from kvd.sources.gguf_file import GgufSource
-from kvd.sources.hf import HfSource
 from kvd.sources.paths import local_path
-from kvd.sources.preset import PresetSource
-from kvd.sources.pypi import PypiSource
+
+
+def _source(name: str, base_dir: Path, **options: object) -> ModelSource:
+    """The registered model source `name` (kvd.plugins.models) with these Config options."""
+    cls = registry("models").get(name)
+    source: ModelSource = cls(cls.Config(**options), base_dir=base_dir)
+    return source
 
 
 def resolve_model(text: str, base_dir: Path = Path(".")) -> ModelSource:
@@ -23,19 +28,18 @@ def resolve_model(text: str, base_dir: Path = Path(".")) -> ModelSource:
     """
     kind, sep, rest = text.partition(":")
     if sep and kind == "pypi" and "," in rest:
-        parts = rest.split(",")
-        return PypiSource(PypiSource.Config(parts=parts), base_dir=base_dir)
+        return _source("pypi", base_dir, parts=rest.split(","))
     if sep and kind == "pypi":
-        return PypiSource(PypiSource.Config(package=rest), base_dir=base_dir)
+        return _source("pypi", base_dir, package=rest)
     if sep and kind == "preset":
-        return PresetSource(PresetSource.Config(preset=_preset(rest)), base_dir=base_dir)
+        return _source("preset", base_dir, preset=_preset(rest))
     path = local_path(text, base_dir)
     if path.is_dir():
-        return HfSource(HfSource.Config(path=text), base_dir=base_dir)
+        return _source("hf", base_dir, path=text)
     if path.suffix == ".gguf" or path.is_file():
-        return GgufSource(GgufSource.Config(path=text), base_dir=base_dir)
+        return _source("gguf", base_dir, path=text)
     if find_preset(text) is not None:
-        return PresetSource(PresetSource.Config(preset=text), base_dir=base_dir)
+        return _source("preset", base_dir, preset=text)
     raise KvdError(
         f"{text}: no such file or directory, and not a preset name",
         hint=unknown_preset_hint(text) + " Or give an HF model dir, a .gguf file or pypi:PACKAGE.",

@@ -20,6 +20,7 @@ from kvd.errors import KvdError
 from kvd.geometry import ModelGeometry, TokenizerFacts, config_from_dict, geometry_from_config
 from kvd.models import LoadedModel, ModelSource
 from kvd.sources.byte_tokenizer import VOCAB_SIZE, byte_tokenizer, byte_tokenizer_facts
+from kvd.sources.resolve import resolve_model
 
 
 class TinySource(ModelSource):
@@ -87,24 +88,18 @@ def random_model(config: Any, *, seed: int, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def _tokenizer_source(raw: str, base_dir: Path) -> ModelSource:
-    from kvd.sources.resolve import resolve_model
-
-    return resolve_model(raw, base_dir)
-
-
 def tokenizer_facts(raw: str | None, base_dir: Path) -> TokenizerFacts:
     """Tokenizer facts of `tokenizer_from` (read from its geometry), else of the byte tokenizer."""
     if raw is None:
         return byte_tokenizer_facts()
-    g = _tokenizer_source(raw, base_dir).geometry()
+    g = resolve_model(raw, base_dir).geometry()
     return TokenizerFacts(family=g.tokenizer_family, sha256=g.tokenizer_hash, adds_bos=g.adds_bos)
 
 
 def tokenizer_vocab(raw: str | None, base_dir: Path) -> int:
     """How many ids the tokenizer of `tokenizer_from` (or the byte tokenizer) can produce."""
-    return VOCAB_SIZE if raw is None else _tokenizer_source(raw, base_dir).geometry().vocab_size
+    return VOCAB_SIZE if raw is None else resolve_model(raw, base_dir).geometry().vocab_size
 
 
 def load_tokenizer(raw: str | None, base_dir: Path) -> Any:
-    return byte_tokenizer() if raw is None else _tokenizer_source(raw, base_dir).tokenizer()
+    return byte_tokenizer() if raw is None else resolve_model(raw, base_dir).tokenizer()

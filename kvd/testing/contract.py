@@ -559,7 +559,7 @@ def _fusion_input(fusion: Any, *, layer: int, n_tasks: int) -> FusionInput:
 
 
 def _fused(c: _Check, fusion: Any, inp: FusionInput, what: str) -> FusionOutput:
-    out = fusion(inp)
+    out: FusionOutput = fusion(inp)
     c.require(isinstance(out, FusionOutput), f"{what}: forward must return a FusionOutput")
     w, valid = out.weights, inp.valid
     c.require(w.shape == valid.shape, f"{what}: weights {list(w.shape)}, expected [B, T, N]")

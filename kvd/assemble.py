@@ -1,0 +1,89 @@
+"""A run's parts from its spec, in the order they depend on each other:
+student -> data -> teacher side (teachers or their cache, alignment, layer plans) ->
+curriculum (stages: fusions, losses) -> the batches the run draws.
+
+Training adds the learned parts on top (kvd.train); the teacher cache commands need only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvd.batches import StudentBatches
+from kvd.build import check_lengths, load_model
+from kvd.curriculum import Curriculum, build_curriculum
+from kvd.data import Data, build_data
+from kvd.models import LoadedModel
+from kvd.progress import Progress
+from kvd.runtime import Runtime
+from kvd.spec import RunSpec
+from kvd.teacher_cache import CacheWriter, TeacherCache
+from kvd.teacher_side import TeacherSide, teacher_geometries
+
+
+@dataclass
+class RunParts:
+    """Everything of a run that is not learned besides the student's weights."""
+
+    student: LoadedModel
+    data: Data
+    teachers: TeacherSide
+    curriculum: Curriculum
+    batches: StudentBatches
+
+
+def assemble(
+    spec: RunSpec, runtime: Runtime, base_dir: Path, *, use_cache: bool = True
+) -> RunParts:
+    """Build the parts; models and data are checked before anything is written, so bad input
+    leaves nothing behind. use_cache: read the teachers' work from training.teacher_cache
+    when it matches (False: load the teachers, e.g. to build that cache)."""
+    torch.manual_seed(spec.seed)
+    student = load_model(spec.student, runtime.device, "student", spec.seed)
+    geometries = teacher_geometries(spec)
+    check_lengths(spec, {"student": student.geometry} | geometries)
+    student.model.train()
+    if spec.training.activation_checkpointing:
+        # non-reentrant: K/V captured in the first forward keep their graph (kvd.capture)
+        student.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    # data, split by content hash; windows cut in student tokens
+    data = build_data(
+        spec.data,
+        student_tokenizer=student.tokenizer,
+        base_dir=base_dir,
+        add_bos=student.geometry.adds_bos,
+        min_tokens=spec.data.min_tokens,
+    )
+    teachers = TeacherSide(spec, student, data, runtime, geometries, use_cache=use_cache)
+    curriculum = build_curriculum(
+        spec,
+        teachers.n_layers,
+        student.geometry.head_dim,
+        len(data.tasks),
+        [t.id for t in spec.teachers],  # loaded or not (a CE-only run loads none)
+    )
+    batches = StudentBatches(
+        data.train,
+        student.tokenizer,
+        runtime,
+        batch_size=spec.training.batch_size,
+        seq_len=spec.data.seq_len,
+        add_bos=student.geometry.adds_bos,
+        seed=spec.seed,
+    )
+    return RunParts(student, data, teachers, curriculum, batches)
+
+
+def build_teacher_cache(
+    spec: RunSpec, runtime: Runtime, base_dir: Path, root: Path, progress: Progress
+) -> TeacherCache:
+    """Run the spec's teachers over every batch of its run and store their targets in `root`
+    (kvd.teacher_cache); builds the teacher side only: no learned part, no optimizer."""
+    parts = assemble(spec, runtime, base_dir, use_cache=False)
+    writer = CacheWriter(root, parts.teachers.fingerprint())
+    return parts.teachers.build_cache(writer, progress, parts.curriculum, parts.batches)
