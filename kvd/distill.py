@@ -319,6 +319,7 @@ class DistillModel(nn.Module):
         out: StepOutput,
     ) -> Tensor:
         values = []
+        targets = {tid: t for tid, t in targets.items() if tid in term.teachers}
         for index, j in enumerate(self.layers):
             sk, sv = s_keys[j], s_values[j]
             tk, tv, tmask = self._projected_targets(j, sk, targets)

@@ -261,3 +261,20 @@ def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
         without_a = run("targets", scale, drop_llama=True)["loss/kv_mse"]
         assert (abs(with_a - without_a) < 1e-3 * with_a) == lost
 
+
+@pytest.mark.parametrize("combine", ["targets", "losses"])
+def test_a_kv_loss_reads_only_the_teachers_it_names(combine: str) -> None:
+    """`losses.N.teachers` on a projected-KV loss under teacher->student fusion: the other
+    teachers neither enter its value nor appear in its per-teacher log; the loss equals the one
+    computed with those teachers absent from the step."""
+    student = tiny(STUDENT, seed=3)
+    teachers = {"llama": tiny(LLAMA_TEACHER, seed=1), "qwen": tiny(QWEN_TEACHER, seed=2)}
+    torch.manual_seed(0)
+    model, runtimes, rope = build(student, teachers, fusion_options={"combine": combine})
+    model.loss_terms[0].teachers = ["llama"]
+    named = step(model, student, runtimes, rope).parts
+    alone = step(model, student, {"llama": runtimes["llama"]}, rope).parts
+    assert named["loss/kv_mse"] == pytest.approx(alone["loss/kv_mse"], rel=1e-6)
+    assert "loss/kv_mse/llama/L0" in named and not any("/qwen/" in k for k in named)
+    everyone = build(student, teachers, fusion_options={"combine": combine})
+    assert step(everyone[0], student, runtimes, rope).parts["loss/kv_mse/qwen/L0"] > 0
