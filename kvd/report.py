@@ -157,10 +157,11 @@ def markdown(result: dict[str, Any], plots: list[Path], *, title: str, intro: st
         "",
         _table(*metric_rows(result)),
         "",
-        "Each run (seed) of a group, in the order of its runs:",
-        "",
-        _table(*per_run_rows(result)),
-        "",
+    ]
+    per_run = per_run_rows(result)
+    if per_run[1]:  # no group of one run has a list to show
+        parts += ["Each run (seed) of a group, in the order of its runs:", "", _table(*per_run), ""]
+    parts += [
         "## Against the baseline",
         "",
         _table(*comparison_rows(result)) if result["comparisons"] else "(one group only)",

@@ -55,6 +55,16 @@ def test_report_over_folders_of_seeds(runs: Path, tmp_path: Path) -> None:
         assert f"({png})" in report
 
 
+def test_one_run_per_group_lists_no_empty_per_run_table(runs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert (
+        main(["compare", str(runs / "ce" / "seed0"), str(runs / "kv" / "seed0"), "--out", str(out)])
+        == 0
+    )
+    report = (out / "report.md").read_text()
+    assert "## Metrics" in report and "Each run (seed)" not in report and ", by run" not in report
+
+
 def test_assert_equal(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compare", str(runs / "ce" / "seed0"), str(runs / "twin"), "--assert-equal"]) == 0
     assert "identical" in capsys.readouterr().out
