@@ -112,7 +112,7 @@ class PlannedRun:
 
 
 @dataclass
-class Plan:
+class ExperimentPlan:
     experiment: Experiment
     path: Path
     base_path: Path
@@ -181,7 +181,7 @@ def compute_budget(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def plan(path: Path, *, min_seeds: int = 3) -> Plan:
+def plan(path: Path, *, min_seeds: int = 3) -> ExperimentPlan:
     """Read the experiment, build and validate every run's spec, check equal compute."""
     exp = read_experiment(path)
     if len(exp.seeds) < min_seeds:
@@ -224,7 +224,7 @@ def plan(path: Path, *, min_seeds: int = 3) -> Plan:
     if exp.teacher_cache:
         share_caches(runs, runs_dir / "cache", path, base_path)
     report_dir = path.parent / (exp.report or exp.name)
-    return Plan(exp, path, base_path, groups, runs, runs_dir, report_dir)
+    return ExperimentPlan(exp, path, base_path, groups, runs, runs_dir, report_dir)
 
 
 def _parse(data: dict[str, Any], path: Path, group: str, seed: int, base_path: Path) -> RunSpec:
@@ -264,7 +264,7 @@ def share_caches(runs: list[PlannedRun], root: Path, path: Path, base_path: Path
             run.spec = _parse(run.data, path, run.group, run.seed, base_path)
 
 
-def plan_lines(p: Plan) -> list[str]:
+def plan_lines(p: ExperimentPlan) -> list[str]:
     """The plan in words: per group the `kvd train` command of its first seed, then every run
     dir and whether it is new, partial or finished."""
     lines = []
@@ -298,7 +298,7 @@ def check_same_spec(run: PlannedRun) -> None:
         )
 
 
-def build_cache(run: PlannedRun, base_dir: Path, console: Console) -> None:
+def ensure_cache(run: PlannedRun, base_dir: Path, console: Console) -> None:
     """Build the run's offline teacher cache unless a complete one is there (a partial one, left
     by an interrupted build, is built again)."""
     from kvd.assemble import build_teacher_cache
@@ -329,7 +329,7 @@ def check_split(run: PlannedRun, reference: tuple[Path, str] | None) -> tuple[Pa
     return reference or (run.dir, digest)
 
 
-def execute(p: Plan, console: Console) -> Path:
+def execute(p: ExperimentPlan, console: Console) -> Path:
     """Train (or resume) every planned run, evaluate, and write the report; returns report.md."""
     from kvd.measure import EvalOptions, run_eval
 
@@ -350,7 +350,7 @@ def execute(p: Plan, console: Console) -> Path:
         else:
             console.print(f"{label}: {'resuming' if started else 'training'}", markup=False)
             if run.spec.training.teacher_cache:
-                build_cache(run, base_dir, console)
+                ensure_cache(run, base_dir, console)
             train_apart(p.base_path, run.overrides)
         reference = check_split(run, reference)
         if p.experiment.evaluate and not (run.dir / "eval" / "validation.json").is_file():
@@ -368,7 +368,7 @@ def execute(p: Plan, console: Console) -> Path:
     return report(p, teacher_files, console)
 
 
-def report(p: Plan, teacher_files: list[Path], console: Console) -> Path:
+def report(p: ExperimentPlan, teacher_files: list[Path], console: Console) -> Path:
     """The `kvd compare` report of every group against the CE-only baseline."""
     from kvd.compare import compare_groups
     from kvd.report import show, write_report
@@ -420,7 +420,7 @@ def train_apart(base: Path, overrides: list[str]) -> None:
         )
 
 
-def rerun(p: Plan, which: str, console: Console) -> list[str]:
+def rerun(p: ExperimentPlan, which: str, console: Console) -> list[str]:
     """Train and evaluate run GROUP:SEED again in a new dir under RUNS/reruns/ and return where
     its metrics differ from the finished run's beyond the experiment's tolerance."""
     from kvd.compare import differences
@@ -449,7 +449,7 @@ def rerun(p: Plan, which: str, console: Console) -> list[str]:
     return differences([load_run(run.dir), load_run(target)], p.experiment.tolerance)
 
 
-def describe(p: Plan) -> dict[str, Any]:
+def describe(p: ExperimentPlan) -> dict[str, Any]:
     """The experiment's facts for the report: base, seeds, compute, groups, overrides, and the
     tokens each run trained on (per group, in seed order)."""
     first = p.runs[0].spec
@@ -476,7 +476,7 @@ def describe(p: Plan) -> dict[str, Any]:
     }
 
 
-def run_code_versions(p: Plan) -> dict[str, list[str]]:
+def run_code_versions(p: ExperimentPlan) -> dict[str, list[str]]:
     """The code version each run trained on (from its environment.json) -> the runs' dirs:
     `<commit>` or `<commit> (dirty)`, `unknown` when not recorded (not a git checkout)."""
     out: dict[str, list[str]] = {}

@@ -82,7 +82,7 @@ def keep_teachers(base: dict[str, Any], spec: RunSpec, keep: list[str]) -> list[
     return out
 
 
-def kv_parts(part: str) -> Overrides:
+def one_kv_part(part: str) -> Overrides:
     def overrides(base: dict[str, Any], spec: RunSpec) -> list[str]:
         kv = [
             i
@@ -152,8 +152,8 @@ def builtin_groups(spec: RunSpec) -> dict[str, Overrides]:
         "multi": lambda base, spec: [],
         "random_teacher": random_teachers,
         "shuffled_alignment": token_aligner("shuffled"),
-        "k_only": kv_parts("k"),
-        "v_only": kv_parts("v"),
+        "k_only": one_kv_part("k"),
+        "v_only": one_kv_part("v"),
         "tokens_hard": token_aligner("hard"),
         "tokens_soft": token_aligner("soft"),
         "layer_map_uniform": layer_map("uniform"),

@@ -4,7 +4,7 @@ The offline teacher cache stores a teacher's last hidden states [B, T, d] instea
 [B, T, V] (d = 384..2048 against V = 49152..262144: 30-600x fewer bytes) and this head once; a
 cached step applies the head to get the very logits the teacher's forward gives. Whether a
 model's logits are exactly this function of its hidden states is checked on a real batch
-(Trainer.build_cache), never assumed: a model that does more after its output embedding keeps
+(TeacherSide.build_cache), never assumed: a model that does more after its output embedding keeps
 storing logits.
 """
 
