@@ -172,6 +172,7 @@ class Trainer:
         finite = self._all_ranks(finite)
         if finite:
             self.optimizer.step()
+            self._check_weights()
             state.nonfinite = 0
         else:
             state.nonfinite += 1
@@ -196,6 +197,26 @@ class Trainer:
 
             record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return record
+
+    def _check_weights(self) -> None:
+        """A finite loss and gradient can still give an update that overflows a weight (an
+        absurd learning rate, a plugin's optimizer hook): stop before anything saves it, with
+        the previous checkpoints intact. One pass over the parameters, one host sync."""
+        params = [p.detach() for p in self.model.parameters()]
+        norms = torch._foreach_norm(params)
+        if bool(torch.stack(norms).isfinite().all()):
+            return
+        bad = next(
+            n
+            for (n, _), norm in zip(self.model.named_parameters(), norms, strict=True)
+            if not bool(norm.isfinite())
+        )
+        raise KvdError(
+            f"training stopped at step {self.state.step + 1}: the update made the weights of "
+            f"{bad} non-finite although the loss and gradients were finite; nothing of this "
+            "step was saved and the last good checkpoint is intact",
+            hint="lower training.lr (or training.projector_lr), then resume with the same command",
+        )
 
     def _clip(self) -> float:
         clip = self.spec.training.clip_grad_norm

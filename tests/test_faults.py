@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -205,6 +206,42 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_good_checkpoint(
     assert verify(newest) is None
     weights = load_file(newest / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_an_update_that_overflows_a_weight_stops_before_anything_saves_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finite loss and gradients, but the 3rd optimizer step leaves a weight at inf: the run
+    stops with exit 2 naming the parameter; the checkpoints of steps 1-2 are intact and
+    finite, and no student, results.json or later checkpoint holds the bad weights."""
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    data = tiny_spec(tmp_path / "run")
+    data["training"].update(max_steps=6, checkpoint_every=1)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "training stopped at step 3" in err and "non-finite" in err and "student." in err
+    assert "Traceback" not in err
+    run = tmp_path / "run"
+    assert not (run / "results.json").exists() and not (run / "student").exists()
+    valid, _ = list_checkpoints(run / "checkpoints")
+    assert [c.step for c in valid] == [1, 2]
+    for c in valid:
+        assert all(
+            torch.isfinite(w).all() for w in load_file(c.path / "model.safetensors").values()
+        )
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(
