@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import metadata
@@ -63,11 +64,22 @@ class Plugins:
 
 
 def allowed_plugins() -> set[str] | None:
-    """Entry-point names allowed by KVD_LOAD_PLUGINS; None when the variable is unset (= all)."""
+    """The `DIST:NAME` entries of KVD_LOAD_PLUGINS (distribution and entry-point name), as
+    given; None when the variable is unset (= all)."""
     raw = os.environ.get(ALLOWLIST_ENV)
     if raw is None:
         return None
     return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def normalised(dist: str) -> str:
+    """A distribution name compared as pip does (PEP 503): case and runs of -_. ignored."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def allow_key(package: str, name: str) -> str:
+    """How KVD_LOAD_PLUGINS names an entry point: `DIST:NAME`."""
+    return f"{normalised(package)}:{name}"
 
 
 def load_plugins(*, entry_points: bool = True) -> Plugins:
@@ -86,13 +98,31 @@ def load_plugins(*, entry_points: bool = True) -> Plugins:
 
 
 def _load_entry_points(plugins: Plugins) -> None:
+    """Entry points of group `kvd`; with KVD_LOAD_PLUGINS, only those it names as DIST:NAME
+    (a bare NAME would let any module on the path that claims that name be imported: it is
+    reported, not loaded)."""
     allowed = allowed_plugins()
+    if allowed is not None:
+        wanted = {
+            normalised(entry.partition(":")[0]) + ":" + entry.partition(":")[2]
+            for entry in allowed
+            if ":" in entry
+        }
+        for bare in sorted(entry for entry in allowed if ":" not in entry):
+            plugins.failures.append(
+                PluginFailure(
+                    bare,
+                    "?",
+                    f"{ALLOWLIST_ENV} entry {bare!r} names no distribution: write DIST:{bare} "
+                    "(`kvd plugins` lists each plugin's package)",
+                )
+            )
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if allowed is not None and ep.name not in allowed:
-            continue
         dist = ep.dist
         package = dist.metadata["Name"] if dist is not None else "?"
         version = dist.version if dist is not None else "?"
+        if allowed is not None and allow_key(package, ep.name) not in wanted:
+            continue
         try:
             module = ep.load()
         except Exception as exc:  # a broken plugin is reported by name, never fatal

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.manager import ALLOWLIST_ENV, ENTRY_POINT_GROUP, reset_plugins
+from kvd.manager import ALLOWLIST_ENV, ENTRY_POINT_GROUP, allow_key, reset_plugins
 from kvd.testing import tiny_causal_lm, tiny_lm_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +115,12 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
 def uninstall(pkg: Contrib, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep `pkg`'s entry points from loading even when it is pip-installed here; every other
     installed plugin still loads."""
-    others = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    monkeypatch.setenv(ALLOWLIST_ENV, ",".join(sorted(others - set(pkg.entry_points))))
+    others = {
+        allow_key(ep.dist.metadata["Name"] if ep.dist else "?", ep.name)
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if ep.name not in pkg.entry_points
+    }
+    monkeypatch.setenv(ALLOWLIST_ENV, ",".join(sorted(others)))
 
 
 def write_spec(folder: Path, name: str) -> Path:

@@ -68,17 +68,29 @@ def test_entry_point_plugin_is_discovered(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(
-    ("allow", "loaded"), [("", False), ("other", False), ("kvd_zero_plugin", True)]
+    ("allow", "loaded"),
+    [
+        ("", False),
+        ("kvd-other:other", False),
+        ("kvd-zero:kvd_zero_plugin", True),
+        ("KVD_Zero:kvd_zero_plugin", True),  # distribution names compare as pip compares them
+        ("kvd-impostor:kvd_zero_plugin", False),  # the name, claimed by another distribution
+        ("kvd_zero_plugin", False),  # a bare name: reported, nothing loaded by it
+    ],
 )
 def test_allowlist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allow: str, loaded: bool
 ) -> None:
+    """KVD_LOAD_PLUGINS names DIST:NAME, so a module that claims an allowed entry-point name
+    from another distribution is not imported."""
     install_fake_plugin(
         tmp_path, monkeypatch, dist="kvd-zero", module="kvd_zero_plugin", source=FUSION_PLUGIN
     )
     monkeypatch.setenv("KVD_LOAD_PLUGINS", allow)
     plugins = load_plugins()
     assert ("zero_fusion" in plugins.registry("fusions")) is loaded
+    bare = [f for f in plugins.failures if "names no distribution" in f.error]
+    assert [f.name for f in bare] == (["kvd_zero_plugin"] if ":" not in allow and allow else [])
     assert (
         plugins.registry("losses").names()
         == load_plugins(entry_points=False).registry("losses").names()
