@@ -15,9 +15,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvd.component import ComponentConfig, config_class
-from kvd.errors import KvdError
+from kvd.errors import KvdError, Problem, SpecError
 from kvd.geometry import ModelGeometry
 from kvd.manager import registry
+from kvd.models import ModelSource
+from kvd.spec import ModelRef, RunSpec
 
 BF16 = 2
 """Bytes per value in reports (KV kept in bf16)."""
@@ -416,3 +418,33 @@ def _token_notes(t: ModelGeometry, s: ModelGeometry, same: bool) -> list[str]:
     if same and t.vocab_size != s.vocab_size:
         notes.append(f"embedding rows differ ({t.vocab_size} vs {s.vocab_size}) on one tokenizer")
     return notes
+
+
+Sourced = tuple[str, str, ModelSource, ModelGeometry]
+"""(role, id, source, geometry) of one model."""
+
+
+def spec_sources(spec: RunSpec, where: str) -> list[Sourced]:
+    """Each teacher's and the student's source and geometry (no weights); every model that
+    cannot be read is a problem at its spec location, together in one SpecError of `where`."""
+    refs: list[tuple[str, str, str, ModelRef]] = [
+        ("teacher", t.id, f"teachers.{i}", t) for i, t in enumerate(spec.teachers)
+    ]
+    refs.append(("student", "student", "student", spec.student))
+    sources: list[Sourced] = []
+    problems = []
+    for role, name, loc, ref in refs:
+        try:
+            source = ref.build()
+            sources.append((role, name, source, source.geometry()))
+        except KvdError as exc:
+            problems.append(Problem(loc, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+    if problems:
+        raise SpecError(where, problems)
+    return sources
+
+
+def spec_plan(sources: list[Sourced], choices: Choices) -> Plan:
+    """The plan of the models `sources` (teachers first, the student last) under `choices`."""
+    entries = [ModelEntry(role, name, src.describe(), geom) for role, name, src, geom in sources]
+    return build_plan(entries[:-1], entries[-1], choices)

@@ -283,6 +283,15 @@ CASES: dict[str, Case] = {
         "identity",
         code=1,
     ),
+    # --- validate builds the plan train would build ------------------------------------
+    "validate_seq_len_beyond_positions": Case(
+        edited(setting("student.config.max_position_embeddings", 32)),
+        "data.seq_len 48 exceeds max_position_embeddings 32",
+        code=1,
+    ),
+    "validate_unsound_projector": Case(
+        edited(setting("projector", {"name": "identity"})), "identity", code=1
+    ),
     # --- run dirs and checkpoints (kvd train) ---------------------------------------------
     "run_finished": Case(lambda t: ["train", finished_run(t)], "already holds a finished run"),
     "run_dir_user_files": Case(

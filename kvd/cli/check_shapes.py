@@ -18,10 +18,19 @@ from rich.console import Console
 from rich.table import Table
 
 from kvd.cli.options import set_option
-from kvd.errors import KvdError, PlanError, Problem, SpecError
+from kvd.errors import KvdError, PlanError
 from kvd.geometry import ModelGeometry
-from kvd.models import ModelSource
-from kvd.plan import BF16, MILLION, Choices, ModelEntry, PairPlan, Plan, build_plan
+from kvd.plan import (
+    BF16,
+    MILLION,
+    Choices,
+    ModelEntry,
+    PairPlan,
+    Plan,
+    Sourced,
+    spec_plan,
+    spec_sources,
+)
 from kvd.presets import preset_names
 from kvd.probe import ProbeResult, probe_model
 
@@ -68,8 +77,7 @@ def check_shapes(
             )
         sources = _from_command_line(teachers, student)
         choices = Choices.defaults(projector=projector, layer_map=layer_map)
-    entries = [ModelEntry(role, name, src.describe(), geom) for role, name, src, geom in sources]
-    plan = build_plan(entries[:-1], entries[-1], choices)
+    plan = spec_plan(sources, choices)
     probes = [probe_model(name, src, geom) for _, name, src, geom in sources] if probe else []
     problems = plan.problems + [str(m) for p in probes for m in p.mismatches]
     if as_json:
@@ -86,28 +94,11 @@ def check_shapes(
         )
 
 
-Sourced = tuple[str, str, ModelSource, ModelGeometry]
-"""(role, id, source, geometry) of one model."""
-
-
 def _from_spec(path: Path, overrides: list[str]) -> tuple[list[Sourced], Choices]:
     from kvd.spec import load_spec
 
     spec = load_spec(path, overrides)
-    refs: list[tuple[str, str, str, Any]] = [
-        ("teacher", t.id, f"teachers.{i}", t) for i, t in enumerate(spec.teachers)
-    ]
-    refs.append(("student", "student", "student", spec.student))
-    sources, problems = [], []
-    for role, name, loc, ref in refs:
-        try:
-            source = ref.build()
-            sources.append((role, name, source, source.geometry()))
-        except KvdError as exc:
-            problems.append(Problem(loc, exc.message + (f" ({exc.hint})" if exc.hint else "")))
-    if problems:
-        raise SpecError(str(path), problems)
-    return sources, Choices.from_spec(spec)
+    return spec_sources(spec, str(path)), Choices.from_spec(spec)
 
 
 def _from_command_line(teachers: list[str], student: str) -> list[Sourced]:

@@ -1,4 +1,5 @@
-"""`kvd validate SPEC`: resolve every component and read every model's geometry, no weights."""
+"""`kvd validate SPEC`: resolve every component, read every model's geometry and build the
+teacher -> student plan that `kvd train` would build, without loading weights."""
 
 from __future__ import annotations
 
@@ -9,32 +10,31 @@ from rich.console import Console
 from rich.table import Table
 
 from kvd.cli.options import set_option
-from kvd.errors import KvdError, Problem, SpecError
-from kvd.spec import ModelRef, component_refs, load_spec
+from kvd.errors import PlanError
+from kvd.plan import Choices, spec_plan, spec_sources
+from kvd.spec import component_refs, load_spec
 
 
 def validate(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="A YAML run spec."),
     overrides: list[str] = set_option(),
 ) -> None:
-    """Check a run spec: keys, types, component names and options, model files. Loads no weights."""
+    """Check a run spec: keys, types, component names and options, model files, and the plan
+    (shapes, layers, RoPE, lengths: what `kvd check-shapes` checks). Loads no weights.
+    Exit 0: valid; 1: the plan cannot work; 2: bad input."""
     spec = load_spec(spec_path, overrides)
-    problems: list[Problem] = []
-    models: list[tuple[str, ModelRef]] = [(f"teachers.{i}", t) for i, t in enumerate(spec.teachers)]
-    models.append(("student", spec.student))
-    described = {}
-    for loc, ref in models:
-        try:
-            source = ref.build()
-            geometry = source.geometry()
-        except KvdError as exc:
-            problems.append(Problem(loc, exc.message))
-            continue
-        described[loc] = (
-            f"{source.describe()} ({geometry.architecture}, {geometry.num_layers} layers)"
+    sources = spec_sources(spec, str(spec_path))
+    plan = spec_plan(sources, Choices.from_spec(spec))
+    if plan.problems:
+        raise PlanError(
+            f"{spec_path}: the plan is unsound: " + "; ".join(plan.problems),
+            hint=f"`kvd check-shapes {spec_path}` shows the whole plan",
         )
-    if problems:
-        raise SpecError(str(spec_path), problems)
+    locations = [f"teachers.{i}" for i in range(len(spec.teachers))] + ["student"]
+    described = {
+        loc: f"{src.describe()} ({geom.architecture}, {geom.num_layers} layers)"
+        for loc, (_, _, src, geom) in zip(locations, sources, strict=True)
+    }
     table = Table(title=f"{spec_path}: valid")
     table.add_column("location")
     table.add_column("component")
