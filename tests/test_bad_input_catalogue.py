@@ -195,6 +195,10 @@ CASES: dict[str, Case] = {
     # --- data files (kvd train) -----------------------------------------------------------
     "data_not_utf8": Case(edited(data_files("d.txt", b"caf\xe9 " * 50), "train"), "d.txt"),
     "data_empty": Case(edited(data_files("d.txt", b""), "train"), "has no documents"),
+    "data_one_long_line": Case(  # one document: refused before it is tokenized
+        edited(data_files("d.txt", b"the quick brown fox " * 50_000), "train"),
+        "has 1 document(s) and none falls in the validation split",
+    ),
     "data_nul_bytes": Case(edited(data_files("d.txt", b"\0" * 4096), "train"), "NUL byte"),
     "data_missing_dir": Case(
         edited(

@@ -84,6 +84,14 @@ def build_data(
         )
     split = split_documents(documents, data_ref.val_fraction)
     check_leakage(split.manifest)
+    for side, docs in (("train", split.train), ("validation", split.validation)):
+        if not docs:  # said before any tokenizing: a single 20 MB document costs nothing
+            raise KvdError(
+                f"data: dataset {data_ref.name!r} has {len(documents)} document(s) and none "
+                f"falls in the {side} split (documents are split whole, by content hash, "
+                f"val_fraction {data_ref.val_fraction:g})",
+                hint="give more documents: more files, or `split: paragraph` for .txt files",
+            )
 
     def windows(side: str, docs: list[Document]) -> list[TextWindow]:
         packed = pack_documents(
