@@ -442,7 +442,7 @@ def test_build_data_errors(tmp_path: Path, word_tok: Any) -> None:
         build_data(ref, student_tokenizer=word_tok, base_dir=tmp_path, add_bos=True)
     (tmp_path / "one.txt").write_text("just one document here")
     ref = DataRef(name="text_files", paths=["one.txt"], val_fraction=0.01)
-    with pytest.raises(KvdError, match="1 document.s. and none falls in the validation split"):
+    with pytest.raises(KvdError, match=r"1 document\(s\) and none falls in the validation split"):
         build_data(ref, student_tokenizer=word_tok, base_dir=tmp_path, add_bos=True, min_tokens=1)
 
 
