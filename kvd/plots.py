@@ -13,10 +13,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from kvd.curriculum import reads_kv
 from kvd.manager import registry
 from kvd.runs import Group
-
-KV_INPUTS = ("kv", "kv_raw")
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -59,7 +58,7 @@ def kv_keys(group: Group) -> list[str]:
     for key in sorted(k for k in keys if k.startswith("loss/")):
         name = key.removeprefix("loss/")
         name = name if name in losses else name.rstrip("0123456789")
-        if name in losses and getattr(losses.get(name), "inputs", None) in KV_INPUTS:
+        if name in losses and reads_kv(losses.get(name)):
             out.append(key)
     return out
 
