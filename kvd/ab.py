@@ -126,7 +126,7 @@ def read_experiment(path: Path) -> Experiment:
     try:
         exp = Experiment.model_validate(read_yaml(path))
     except ValidationError as exc:
-        raise SpecError(str(path), pydantic_problems(exc)) from None
+        raise SpecError(str(path), pydantic_problems(exc, model=Experiment)) from None
     return exp.model_copy(update={"name": exp.name or path.stem})
 
 

@@ -165,10 +165,16 @@ def write_environment(path: Path) -> None:
 
 
 def tensorboard_writer(path: Path) -> Any:
-    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None."""
+    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None,
+    said once on stderr (metrics.jsonl holds every record either way)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        print(
+            "kvd: tensorboard is not installed, so no TensorBoard logs are written (every "
+            "record is in metrics.jsonl; `pip install tensorboard` adds them)",
+            file=sys.stderr,
+        )
         return None
     return SummaryWriter(str(path))
 

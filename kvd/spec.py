@@ -8,8 +8,9 @@ as a `SpecError` with dotted locations (`teachers.1.path`).
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -498,7 +499,7 @@ def parse_spec(
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as exc:
-        found = pydantic_problems(exc)
+        found = pydantic_problems(exc, model=RunSpec)
         seen = {(p.loc, p.message) for p in found}
         found += [p for p in raw_component_problems(data) if (p.loc, p.message) not in seen]
         raise SpecError(source, found) from None
@@ -510,8 +511,15 @@ def parse_spec(
     return spec
 
 
-def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
-    """pydantic errors as problems with dotted locations."""
+def pydantic_problems(
+    exc: ValidationError,
+    prefix: str = "",
+    model: type[BaseModel] | None = None,
+    also: list[str] | None = None,
+) -> list[Problem]:
+    """pydantic errors as problems with dotted locations; an unknown key of `model` (the class
+    validated) names the closest known key of its section (at the top, `also` count too: a
+    component reference's own keys beside its Config's)."""
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -519,8 +527,39 @@ def pydantic_problems(exc: ValidationError, prefix: str = "") -> list[Problem]:
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown key (not part of the spec; check the spelling)"
+            known = _keys_at(model, err["loc"][:-1]) if model is not None else []
+            if len(err["loc"]) == 1:
+                known += also or []
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.6)
+            if close:
+                message = f"unknown key; did you mean {close[0]!r}?"
         problems.append(Problem(loc, message))
     return problems
+
+
+def _keys_at(model: type[BaseModel], parts: tuple[int | str, ...]) -> list[str]:
+    """The keys of the section of `model` at `parts` (list indices skipped); [] when the
+    section is not a fixed model (a component's options, a free-form mapping)."""
+    current: Any = model
+    for part in parts:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def component_refs(spec: RunSpec) -> list[tuple[str, ComponentRef]]:
@@ -547,10 +586,11 @@ def check_ref(loc: str, ref: ComponentRef) -> list[Problem]:
     reg = registry(ref.kind)
     if ref.component_name not in reg:
         return [Problem(f"{loc}.{ref.key}", reg.unknown_message(ref.component_name))]
+    cls = config_class(ref.component)
     try:
-        ref._config = config_class(ref.component).model_validate(ref.options())
+        ref._config = cls.model_validate(ref.options())
     except ValidationError as exc:
-        return pydantic_problems(exc, prefix=loc)
+        return pydantic_problems(exc, prefix=loc, model=cls, also=list(type(ref).model_fields))
     return []
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+import kvd
 from kvd.cli.errors import render_error, stderr
 from kvd.errors import KvdError
 from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
@@ -31,6 +32,13 @@ def build_app() -> typer.Typer:
     def _root(
         no_plugins: bool = typer.Option(
             False, "--no-plugins", help=f"Load no third-party plugins (like {ALLOWLIST_ENV}=)."
+        ),
+        version: bool = typer.Option(
+            False,
+            "--version",
+            help="Print kvd's version and exit.",
+            is_eager=True,
+            callback=_print_version,
         ),
     ) -> None:
         """kvd: multi-teacher KV-cache distillation."""
@@ -59,6 +67,23 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvd {kvd.__version__}")
+        raise typer.Exit(0)
+
+
+def quiet_transformers() -> None:
+    """No tqdm bars of transformers / huggingface_hub ("Loading weights", "Writing model
+    shards") in kvd's output: its own progress lines say where a run is. A user's
+    HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "0":
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def _click() -> Any:
     """The click that Typer runs on: its own vendored copy since typer 0.26, else click."""
     try:
@@ -70,6 +95,7 @@ def _click() -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user-fixable errors are printed and turned into exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
+    quiet_transformers()
     if "--no-plugins" in args:
         os.environ[ALLOWLIST_ENV] = ""
         reset_plugins()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from kvd.assemble import build_teacher_cache
+from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
 from kvd.curriculum import uses_teachers
 from kvd.errors import KvdError
@@ -37,9 +37,7 @@ def cache_teachers(
     progress = Progress(label="cache", every=10)
     cache = build_teacher_cache(spec, runtime, spec_path.parent, root, progress)
     size = sum(p.stat().st_size for p in root.iterdir()) / 2**20
-    Console(highlight=False).print(
-        f"cached {cache.steps} steps of teacher targets in {root} ({size:.0f} MB)"
-    )
+    stdout().print(f"cached {cache.steps} steps of teacher targets in {root} ({size:.0f} MB)")
 
 
 def register(app: typer.Typer) -> None:

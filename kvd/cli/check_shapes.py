@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
 from kvd.errors import KvdError, PlanError
 from kvd.geometry import ModelGeometry
@@ -117,7 +117,7 @@ def _from_command_line(teachers: list[str], student: str) -> list[Sourced]:
 
 
 def _print_report(plan: Plan, probes: list[ProbeResult], problems: list[str]) -> None:
-    console = Console(highlight=False)
+    console = stdout()
     console.print(_models_table(plan.models))
     for pair in plan.pairs:
         console.print(_pair_table(pair))

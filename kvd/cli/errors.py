@@ -1,4 +1,4 @@
-"""Printing user-fixable errors: one screen, the place named, no traceback."""
+"""Printing: user-fixable errors (one screen, the place named, no traceback) and results."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ from kvd.errors import KvdError, SpecError
 
 # Logs and pipes get long lines rather than a table folded at 80 columns.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+PIPED_WIDTH = 10_000
+"""Columns of a command's output when it is not a terminal: no table folds or cuts a path."""
+
+
+def stdout() -> Console:
+    """The console of a command's results: the terminal's width, or PIPED_WIDTH in a pipe."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 
 def render_error(exc: KvdError, console: Console = stderr) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kvd.cli.errors import stdout
 from kvd.hookspecs import KINDS
 from kvd.manager import get_plugins
 
@@ -41,7 +41,7 @@ def plugins(
         table.add_row(
             *(Text(row[c]) for c in ("kind", "name", "plugin", "package", "version", "summary"))
         )
-    console = Console(highlight=False)
+    console = stdout()
     console.print(table)
     for failure in loaded.failures:
         console.print(

@@ -6,9 +6,9 @@ import copy
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
 from kvd.spec import apply_overrides, load_spec, parse_spec, read_yaml
 from kvd.train import TrainResult, train
@@ -61,15 +61,15 @@ def train_command(
         twin.setdefault("output", {})["dir"] = str(spec.output_dir()) + "-ce-baseline"
         twin_spec = parse_spec(twin, source=f"{spec_path} (CE-only baseline)", base_dir=base_dir)
         results.append(("CE-only baseline", train(twin_spec, twin, base_dir=base_dir)))
-    Console(highlight=False).print(_results_table(results))
+    stdout().print(_results_table(results))
     if baseline:
         kd, ce = results[0][1].validation.bits_per_byte, results[1][1].validation.bits_per_byte
         change = 100 * (kd - ce) / ce
-        Console(highlight=False).print(
+        stdout().print(
             f"distilled vs CE-only: {change:+.1f}% bits per byte "
             f"({'better' if change < 0 else 'not better'}); one seed, no significance test"
         )
-        Console(highlight=False).print(
+        stdout().print(
             "next: `kvd eval RUN_DIR` scores a run (cloze accuracy, speed), `kvd compare A B` "
             "compares runs, `kvd ab experiments/quickstart_ab.yaml` repeats this over seeds "
             "with significance tests; see docs/index.md"

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
 from kvd.errors import PlanError
 from kvd.plan import Choices, spec_plan, spec_sources
@@ -40,7 +40,7 @@ def validate(
     table.add_column("component")
     for loc, component in component_refs(spec):
         table.add_row(loc, described.get(loc, component.component_name))
-    Console(highlight=False).print(table)
+    stdout().print(table)
 
 
 def register(app: typer.Typer) -> None:

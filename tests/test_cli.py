@@ -1,0 +1,67 @@
+"""The command line as a user meets it: --version, near-miss keys, output that survives a pipe,
+no third-party progress bars, and what is skipped said once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kvd
+from kvd.cli.app import main
+from tests.specs import tiny_spec
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"kvd {kvd.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "location", "suggestion"),
+    [
+        ("training.max_step=5", "training.max_step", "max_steps"),
+        ("trainng.max_steps=5", "trainng", "training"),
+        ("teachers.0.dtyp=float32", "teachers.0.dtyp", "dtype"),  # a reference's own key
+        ("fusion={name: mean, combin: losses}", "fusion.combin", "combine"),  # an option
+    ],
+)
+def test_a_mistyped_key_names_the_near_match(
+    setting: str,
+    location: str,
+    suggestion: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run")))
+    assert main(["validate", str(spec), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert location in err and f"did you mean '{suggestion}'?" in err
+
+
+def test_a_piped_run_prints_whole_paths_and_no_progress_bars(tmp_path: Path) -> None:
+    """kvd train in a pipe: the results table keeps the run dir whole however long; no tqdm bar
+    of transformers ('Writing model shards') reaches the log; a missing tensorboard is said
+    once."""
+    out = tmp_path / ("a-rather-long-folder-name-for-the-run-" * 3) / "run"
+    data = tiny_spec(out)
+    data["training"]["max_steps"] = 1
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "train", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout
+    assert "Writing model shards" not in done.stderr and "Loading weights" not in done.stderr
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert done.stderr.count("tensorboard is not installed") == 1
