@@ -86,7 +86,8 @@ def loss_curves(groups: list[Group], path: Path) -> Path:
                 (line,) = ax.plot(c[0], c[1], label=f"{g.label} (n={len(g.members)})")
                 ax.fill_between(c[0], c[2], c[3], color=line.get_color(), alpha=0.2)
         ax.set_title(f"{title}; band: min-max over seeds", fontsize="medium")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("weighted sum of the terms" if key == "loss/total" else "nats per token")
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -108,8 +109,8 @@ def kv_and_validation(groups: list[Group], path: Path) -> Path:
         val = curve(g, field("val/bits_per_byte"))
         if val is not None:
             right.plot(val[0], val[1], "--o", color=color, ms=3, label=f"{g.label} val bits/byte")
-    left.set_xlabel("step")
-    left.set_ylabel("KV loss (solid)")
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("KV loss terms, summed (solid; guarded MSE: 1 = the target mean)")
     right.set_ylabel("validation bits per byte (dashed)")
     handles = left.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
@@ -153,7 +154,9 @@ def routing_heatmaps(group: Group, path: Path) -> Path | None:
         for (y, x), v in np.ndenumerate(grid):
             ax.text(x, y, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
         ax.set_title(f"{group.label}: routing {title}")
-        fig.colorbar(image, ax=ax)
+        ax.set_xlabel("teacher")
+        ax.set_ylabel("student layer" if title == "by layer" else "task")
+        fig.colorbar(image, ax=ax, label="mean routing weight (over steps, positions, seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
