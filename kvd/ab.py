@@ -88,6 +88,13 @@ class Experiment(BaseModel):
     def _name_is_a_name(cls, name: str) -> str:
         return checked_name(name) if name else name
 
+    @field_validator("custom")
+    @classmethod
+    def _group_names_are_names(cls, custom: dict[str, CustomGroup]) -> dict[str, CustomGroup]:
+        for name in custom:  # each becomes a folder: RUNS/GROUP/seedN
+            checked_name(name)
+        return custom
+
     @field_validator("seeds")
     @classmethod
     def _distinct(cls, seeds: list[int]) -> list[int]:

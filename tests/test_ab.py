@@ -164,6 +164,17 @@ def test_custom_group_from_an_unknown_group_names_the_key(tmp_path: Path) -> Non
     assert "single_smollm2" in str(err.value.hint)
 
 
+def test_a_custom_group_name_is_a_name_not_a_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {"../../escape": {"set": ["losses.2.weight=0.01"]}}
+    path = experiment(tmp_path, seeds=[0, 1, 2], custom=bad)
+    assert main(["ab", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "custom" in err and "../../escape" in err and "Traceback" not in err
+    assert not (tmp_path.parent / "escape").exists()
+
+
 def test_control_and_ablation_groups_train(tmp_path: Path) -> None:
     path = experiment(
         tmp_path,
