@@ -238,12 +238,13 @@ class TrainingSpec(Strict):
     """Windows per micro-batch on each process."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated into one optimizer step."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate (AdamW) of the student."""
-    projector_lr: float | None = Field(None, gt=0)
-    """Learning rate of projectors, fusions and loss heads (None: lr)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """Peak learning rate (AdamW) of the student (at most 1: AdamW moves each weight by about
+    lr per step)."""
+    projector_lr: float | None = Field(None, gt=0, le=1)
+    """Learning rate of projectors, fusions and loss heads (None: lr; at most 1)."""
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    """AdamW weight decay (0 to 1: it shrinks weights by lr * weight_decay per step)."""
     warmup_steps: int = Field(10, ge=0)
     """Steps of linear warm-up to the peak learning rate."""
     schedule: Literal["cosine", "constant"] = "cosine"

@@ -153,6 +153,10 @@ CASES: dict[str, Case] = {
         lambda tmp: ["validate", str(_loop(tmp))], "a symbolic link that leads nowhere"
     ),
     "spec_infinite_lr": Case(edited(setting("training.lr", float("inf")), "train"), "training.lr"),
+    "spec_absurd_lr": Case(edited(setting("training.lr", 1e30)), "less than or equal to 1"),
+    "spec_absurd_weight_decay": Case(
+        edited(setting("training.weight_decay", 50.0)), "training.weight_decay"
+    ),
     "spec_nan_loss_weight": Case(
         edited(setting("losses", [{"name": "ce", "weight": float("nan")}])), "losses.0.weight"
     ),
