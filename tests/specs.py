@@ -54,6 +54,7 @@ def tiny_spec(out: Path, **sections: Any) -> dict[str, Any]:
         "evaluation": {"every": 2, "batches": 1},
         "output": {"dir": str(out)},
     }
+    spec = copy.deepcopy(spec)  # callers edit it: the module's configs must stay as they are
     for key, value in sections.items():
         spec[key] = copy.deepcopy(value)
     return spec
