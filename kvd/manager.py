@@ -103,11 +103,7 @@ def _load_entry_points(plugins: Plugins) -> None:
     reported, not loaded)."""
     allowed = allowed_plugins()
     if allowed is not None:
-        wanted = {
-            normalised(entry.partition(":")[0]) + ":" + entry.partition(":")[2]
-            for entry in allowed
-            if ":" in entry
-        }
+        wanted = {allow_key(*entry.split(":", 1)) for entry in allowed if ":" in entry}
         for bare in sorted(entry for entry in allowed if ":" not in entry):
             plugins.failures.append(
                 PluginFailure(
