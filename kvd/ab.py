@@ -250,7 +250,7 @@ def cache_key(spec: RunSpec) -> str | None:
         "teachers": [t.model_dump(mode="json", exclude={"weight"}) for t in spec.teachers],
         "student": spec.student.model_dump(mode="json"),
         "data": spec.data.model_dump(mode="json"),
-        "alignment": spec.alignment.model_dump(mode="json"),
+        "alignment": spec.alignment.fingerprint(),
         "seed": spec.seed,
         "steps": [spec.training.max_steps, spec.training.batch_size, spec.training.grad_accum],
         "stages": [[st.start_step, st.teachers] for st in stages],

@@ -224,9 +224,8 @@ class DistillModel(nn.Module):
                 for tid, w in self._weights(active).items():
                     t_logits = targets[tid].logits
                     if t_logits is not None:
-                        found.append(
-                            (tid, w, term.module.row_term(logits, t_logits, targets[tid].mask))
-                        )
+                        valid = targets[tid].logit_valid
+                        found.append((tid, w, term.module.row_term(logits, t_logits, valid)))
                 if found and all(row is not None for *_, row in found):
                     found_rows += [(term, tid, w, row) for tid, w, row in found if row is not None]
                     handled.append(term)
@@ -265,7 +264,7 @@ class DistillModel(nn.Module):
                 if t.logits is None:
                     continue
                 assert logits is not None
-                value = term.module(logits, t.logits, t.mask)
+                value = term.module(logits, t.logits, t.logit_valid)
             elif reads_raw_kv(term.module):
                 value = self._raw(term.module, s_keys, s_values, t)
             else:

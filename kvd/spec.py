@@ -210,8 +210,20 @@ class AlignmentSpec(Strict):
     """Layer aligner: which teacher layer teaches each distilled student layer."""
     rope: AlignerRef = _ref("unrotate")
     """RoPE aligner: how keys rotated with different RoPE settings are compared."""
+    vocab: AlignerRef = _ref("own")
+    """Vocabulary aligner: the vocabulary a teacher's logits reach the logit losses in (`own`:
+    the teacher's; `first_token`: the student's, at positions where both tokenisations end at
+    the same character, so `logit_kd` works across tokenizers)."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("tokens", "layers", "rope")
+    STAGES: ClassVar[tuple[str, ...]] = ("tokens", "layers", "rope", "vocab")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The alignment as a cache fingerprint entry: `vocab` only where it is not the default
+        `own` (caches built before the vocab stage existed stay valid)."""
+        data = self.model_dump(mode="json")
+        if data["vocab"] == {"name": "own"}:
+            del data["vocab"]
+        return dict(data)
 
 
 class StageSpec(Strict):

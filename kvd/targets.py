@@ -14,6 +14,8 @@ import torch
 
 from kvd.align.base import LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.align.tokens import next_token_alignment
+from kvd.align.vocab import TopK, VocabMap
 from kvd.capture import capture_kv
 from kvd.head import OutputHead
 from kvd.models import LoadedModel
@@ -32,6 +34,8 @@ class TeacherRuntime:
     plan: LayerPlan
     add_bos: bool
     max_length: int | None = None
+    vocab: VocabMap | None = None
+    """Its logits onto the student's vocabulary (alignment.vocab), None to keep its own."""
 
 
 @dataclass
@@ -45,6 +49,9 @@ class TeacherTargets:
     For the offline cache, the logits can instead be given by hidden [B, Tt, d] (the teacher's
     last hidden states at its own positions) and the alignment that maps them: the aligned
     logits are `alignment.gather(head(hidden))` (`with_logits`).
+    A teacher whose logits are mapped onto the student's vocabulary (TeacherRuntime.vocab) has
+    them as `top_k` too (what the cache stores; `logits` is `top_k.dense()`), valid where
+    logit_mask [B, Ts] is True: where both tokenisations end at the same character.
     """
 
     keys: dict[int, torch.Tensor]
@@ -55,6 +62,13 @@ class TeacherTargets:
     extra: dict[str, Any] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     alignment: TokenAlignment | None = None
+    top_k: TopK | None = None
+    logit_mask: torch.Tensor | None = None
+
+    @property
+    def logit_valid(self) -> torch.Tensor:
+        """[B, Ts] bool: where the logit losses may read `logits`."""
+        return self.mask if self.logit_mask is None else self.logit_mask
 
     def with_logits(self, head: OutputHead) -> TeacherTargets:
         """These targets with the aligned logits computed from `hidden` by the teacher's head,
@@ -88,7 +102,9 @@ def teacher_targets(
     """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU).
     want_kv=False (no loss reads K/V) records, un-rotates and aligns none. hidden_logits: give
     wanted logits as hidden states and their alignment (the offline cache's compact form; see
-    TeacherTargets), the LM head skipped unless CE needs it."""
+    TeacherTargets), the LM head skipped unless CE needs it. A teacher with a vocabulary map
+    gives its logits at `next_token_alignment`'s positions, mapped onto the student's
+    vocabulary and kept to the map's top k."""
     if teacher.loaded is None:
         raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
     batch = tokenize(
@@ -97,7 +113,8 @@ def teacher_targets(
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     model = teacher.loaded.model
-    as_hidden = want_logits and hidden_logits
+    mapped = want_logits and teacher.vocab is not None
+    as_hidden = want_logits and hidden_logits and not mapped
     cap = capture_kv(
         model,
         ids,
@@ -124,6 +141,17 @@ def teacher_targets(
     if want_logits and not as_hidden and cap.logits is not None:
         logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
     ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
-    valid = alignment.mask.to(device) & student.attention_mask.to(device)
+    real = student.attention_mask.to(device)
+    valid = alignment.mask.to(device) & real
+    if mapped:
+        assert cap.logits is not None and teacher.vocab is not None
+        nt = next_token_alignment(student, batch)
+        index = nt.index[..., 0].to(device)[..., None]  # [B, Ts, 1]
+        picked = cap.logits.gather(1, index.expand(-1, -1, cap.logits.shape[-1]))
+        top = teacher.vocab.top_k(picked)
+        logit_mask = nt.mask.to(device) & real
+        return TeacherTargets(
+            out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
+        )
     kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
     return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)

@@ -10,7 +10,9 @@ Logits are stored compactly where that is exact: a teacher whose logits are its 
 applied to its last hidden states (checked on the first batch, kvd.head) has those hidden
 states [B, Tt, d] and its token alignment stored instead of aligned logits [B, Ts, V], and its
 head once in `heads.safetensors`; a cached step applies head and alignment. For SmolLM2 that is
-576 values a token instead of 49152.
+576 values a token instead of 49152. Logits mapped onto the student's vocabulary
+(alignment.vocab) are stored as their top k (kvd.align.vocab.TopK), with the mask of where
+they are valid.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from kvd.align.vocab import TopK
 from kvd.diff import dotted_differences
 from kvd.errors import KvdError
 from kvd.head import OutputHead
@@ -50,8 +53,14 @@ def pack(targets: dict[str, TeacherTargets], micro: int) -> dict[str, torch.Tens
         for j, k in t.keys.items():
             out[f"{base}/k/{j}"] = k
             out[f"{base}/v/{j}"] = t.values[j]
-        if t.logits is not None:
+        if t.top_k is not None:
+            out[f"{base}/topk_values"] = t.top_k.values
+            out[f"{base}/topk_index"] = t.top_k.index
+            out[f"{base}/topk_size"] = torch.tensor(t.top_k.size)
+        elif t.logits is not None:
             out[f"{base}/logits"] = t.logits
+        if t.logit_mask is not None:
+            out[f"{base}/logit_mask"] = t.logit_mask
         if t.hidden is not None and t.alignment is not None:
             out[f"{base}/hidden"] = t.hidden
             out[f"{base}/align_index"] = t.alignment.index
@@ -82,7 +91,12 @@ def unpack(
             entry[rest[0]] = x
     out = {}
     for tid, e in found.items():
-        t = TeacherTargets(e["k"], e["v"], e["mask"], e.get("logits"), e.get("ce"))
+        t = TeacherTargets(
+            e["k"], e["v"], e["mask"], e.get("logits"), e.get("ce"), logit_mask=e.get("logit_mask")
+        )
+        if "topk_values" in e:
+            top = TopK(e["topk_values"], e["topk_index"], int(e["topk_size"]))
+            t = replace(t, logits=top.dense(), top_k=top)
         if "hidden" in e:
             alignment = TokenAlignment(e["align_index"], e["align_weight"], e["mask"])
             t = replace(t, hidden=e["hidden"], alignment=alignment).with_logits(heads[tid])

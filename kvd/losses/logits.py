@@ -48,7 +48,9 @@ class LogitKDLoss(LogitLoss):
             raise PlanError(
                 f"logit_kd needs one vocabulary, but the student has {vs} tokens and the "
                 f"teacher {vt}",
-                hint="use loss 'uld' (Universal Logit Distillation) across vocabularies",
+                hint="map the teacher's logits onto the student's vocabulary with "
+                "`alignment.vocab: {name: first_token}`, or use loss 'uld' (Universal Logit "
+                "Distillation), which compares sorted probabilities",
             )
         return RowTerm(SoftKLRows(self.temperature), teacher_logits.detach(), mask.bool())
 

@@ -6,6 +6,7 @@ from kvd.align.control import ShuffledTokenAligner
 from kvd.align.layers import CKALayerAligner, ExplicitLayerAligner, UniformLayerAligner
 from kvd.align.time import ResampleAligner, SegmentResampleAligner
 from kvd.align.tokens import HardTokenAligner, SoftTokenAligner
+from kvd.align.vocab import FirstTokenVocab, OwnVocab
 from kvd.hookspecs import Register, hookimpl
 
 
@@ -19,3 +20,5 @@ def register_aligners(register: Register) -> None:
     register("uniform", UniformLayerAligner)
     register("explicit", ExplicitLayerAligner)
     register("cka", CKALayerAligner)
+    register("own", OwnVocab)
+    register("first_token", FirstTokenVocab)

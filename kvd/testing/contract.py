@@ -24,7 +24,9 @@ Then, per kind (N teachers, B batch, H KV heads, T positions, D head_dim):
   masked, the same result twice, for two different tokenizations and for identical ones;
   layers: a `LayerPlan` with one entry per student layer, teacher layers in range and at least
   one layer distilled (a calibration batch is passed when `needs_calibration`); rope: a
-  `KVBundle` of the same layers and shapes with values untouched, from a tiny model's real cache.
+  `KVBundle` of the same layers and shapes with values untouched, from a tiny model's real cache;
+  vocab: None or a `VocabMap` of the teacher's size with student ids in range, whose mapped
+  log-probabilities of random logits are finite and sum to 1 in probability.
 - projectors: for each of a few shape pairs the projector accepts (the others must raise
   `PlanError`, and at least one must be accepted), [B, Hs, T, Ds] -> [B, Ht, T, Dt] for two
   (B, T), finite; gradients reach the parameters and the source tensor (the student, under
@@ -64,6 +66,7 @@ from torch import Tensor, nn
 
 from kvd.align.base import Aligner, LayerAligner, LayerCalibration, LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.align.vocab import VocabAligner, VocabMap
 from kvd.capture import capture_kv
 from kvd.component import ComponentConfig, config_class
 from kvd.data.base import Document, TextSource
@@ -95,6 +98,7 @@ STAGE_BASES: dict[str, type] = {
     "tokens": TokenAligner,
     "layers": LayerAligner,
     "rope": RopeAligner,
+    "vocab": VocabAligner,
 }
 
 PROJECTOR_SHAPES: tuple[tuple[KVShape, KVShape], ...] = (
@@ -449,6 +453,34 @@ def _check_rope(c: _Check, aligner: RopeAligner) -> None:
     c.passed("rope: same layers, shapes and values on a tiny llama's cache")
 
 
+def _check_vocab(c: _Check, aligner: VocabAligner) -> None:
+    student, words = byte_tokenizer(), _word_tokenizer()
+    vs, vt = len(student), len(words) + 3  # logits may have rows past the tokenizer
+    c.require(
+        aligner.map(student, student, vs, vs) is None
+        or isinstance(aligner.map(student, student, vs, vs), VocabMap),
+        "map() must return a VocabMap or None",
+    )
+    found = aligner.map(words, student, vt, vs)
+    if found is None:
+        c.passed("vocab: keeps the teacher's vocabulary")
+        return
+    c.require(isinstance(found, VocabMap), "map() must return a VocabMap or None")
+    c.require(found.size == vs, f"the map must be onto the student's {vs} tokens")
+    index = found.index
+    c.require(
+        index.shape == (vt,) and index.dtype == torch.long, "index must be [teacher vocab] long"
+    )
+    c.require(((index >= -1) & (index < vs)).all(), "index must hold student ids or -1")
+    mapped = found.apply(c.randn(2, 3, vt))
+    c.require(mapped.shape == (2, 3, vs) and _finite(mapped), "apply() must give [..., Vs], finite")
+    c.require(
+        torch.allclose(mapped.exp().sum(-1), torch.ones(()), atol=TOLERANCE),
+        "apply() must give log-probabilities",
+    )
+    c.passed(f"vocab map: {found.coverage:.0%} of the teacher's ids map onto the student's")
+
+
 # --- projectors ---------------------------------------------------------------------------------
 
 
@@ -686,6 +718,7 @@ STAGE_CHECKS: dict[str, Callable[[_Check, Any], None]] = {
     "tokens": _check_tokens,
     "layers": _check_layers,
     "rope": _check_rope,
+    "vocab": _check_vocab,
 }
 
 CHECKS: dict[str, Callable[[_Check, type, ComponentConfig], None]] = {

@@ -1,0 +1,135 @@
+"""Cross-tokenizer logits: the next-token alignment (both tokenisations end at the same
+character) and the first-token vocabulary map onto the student's vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvd.align.tokens import next_token_alignment
+from kvd.align.vocab import FLOOR, FirstTokenVocab, TopK, VocabMap, first_token_index
+from kvd.tokenize import tokenize
+from tests.test_align_tokens import ALPHABET, OFFLINE, TEXTS, assert_identity, check_alignment
+
+
+def assert_same_end(al: Any, student: Any, teacher: Any) -> None:
+    """Every aligned pair ends at the same character, the teacher token having seen no text
+    beyond it; every student token with such a teacher token is aligned."""
+    check_alignment(al, student, teacher)
+    if teacher.input_ids.shape[1] == 0:
+        assert not al.mask.any()
+        return
+    s_end = student.offsets[..., 1]
+    t_end = teacher.offsets[..., 1].gather(1, al.index[..., 0])
+    assert (t_end[al.mask] == s_end[al.mask]).all()
+    t_text = teacher.attention_mask & (teacher.offsets[..., 0] >= 0)
+    horizon = torch.where(t_text, teacher.offsets[..., 1], -1).cummax(1).values
+    assert (horizon.gather(1, al.index[..., 0])[al.mask] == s_end[al.mask]).all()
+    s_text = student.attention_mask & (student.offsets[..., 0] >= 0)
+    for b in range(s_end.shape[0]):
+        ends = set(teacher.offsets[b, t_text[b], 1].tolist())
+        for i in range(s_end.shape[1]):
+            # a student token whose end no teacher token shares is never aligned
+            if s_text[b, i] and int(s_end[b, i]) not in ends:
+                assert not al.mask[b, i]
+
+
+@pytest.mark.parametrize("tok", OFFLINE)
+@pytest.mark.parametrize("bos", [False, True])
+def test_same_tokenizer_is_identity(
+    offline_tokenizers: dict[str, Any], tok: str, bos: bool
+) -> None:
+    batch = tokenize(offline_tokenizers[tok], TEXTS, add_bos=bos)
+    assert_identity(next_token_alignment(batch, batch), batch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(st.lists(st.sampled_from(ALPHABET), max_size=24).map("".join), max_size=3),
+    pair=st.tuples(st.sampled_from(OFFLINE), st.sampled_from(OFFLINE)),
+    bos=st.tuples(st.booleans(), st.booleans()),
+    max_length=st.none() | st.integers(1, 30),
+)
+def test_pairs_end_together_and_are_causal(
+    offline_tokenizers: dict[str, Any],
+    texts: list[str],
+    pair: tuple[str, str],
+    bos: tuple[bool, bool],
+    max_length: int | None,
+) -> None:
+    texts = texts or [""]
+    student = tokenize(offline_tokenizers[pair[0]], texts, add_bos=bos[0], max_length=max_length)
+    teacher = tokenize(offline_tokenizers[pair[1]], texts, add_bos=bos[1])
+    assert_same_end(next_token_alignment(student, teacher), student, teacher)
+
+
+def test_map_adds_the_mass_of_teacher_tokens_with_one_student_token() -> None:
+    logits = torch.tensor([[[0.0, 1.0, 2.0, 3.0]]])
+    p = logits.softmax(-1)[0, 0]
+    vocab = VocabMap(torch.tensor([1, 1, -1, 0]), size=3, k=3)  # teacher 2 maps to nothing
+    out = vocab.apply(logits)[0, 0].exp()
+    kept = p[0] + p[1] + p[3]
+    torch.testing.assert_close(out[0], p[3] / kept)
+    torch.testing.assert_close(out[1], (p[0] + p[1]) / kept)
+    assert out[2] == pytest.approx(FLOOR)  # no teacher token starts with student token 2
+    assert out.sum() == pytest.approx(1.0)
+
+
+def test_identity_map_is_log_softmax() -> None:
+    logits = torch.randn(2, 5, 11)
+    vocab = VocabMap(torch.arange(11), size=11, k=11)
+    torch.testing.assert_close(vocab.apply(logits), logits.log_softmax(-1))
+
+
+def test_top_k_keeps_the_most_likely_and_spreads_the_rest() -> None:
+    logits = torch.randn(3, 4, 20) * 3
+    vocab = VocabMap(torch.arange(20), size=20, k=5)
+    full = vocab.apply(logits)
+    top = vocab.top_k(logits)
+    dense = top.dense()
+    assert top.values.shape == (3, 4, 5)
+    kept = full.topk(5, dim=-1)
+    torch.testing.assert_close(dense.gather(-1, kept.indices), kept.values)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(3, 4))
+    rest = dense.exp().sort(dim=-1).values[..., :15]
+    torch.testing.assert_close(rest, rest[..., :1].expand_as(rest))  # spread evenly
+    whole = TopK(full, torch.arange(20).expand(3, 4, 20), 20)
+    torch.testing.assert_close(whole.dense(), full)  # k = Vs keeps the distribution
+
+
+def test_first_token_of_each_teacher_token(offline_tokenizers: dict[str, Any]) -> None:
+    teacher, student = offline_tokenizers["piece_bpe"], offline_tokenizers["byte_bpe"]
+    index = first_token_index(teacher, student, len(teacher) + 3, len(student))
+    assert index.shape == (len(teacher) + 3,)
+    assert (index[len(teacher) :] == -1).all()  # rows of the logits past the tokenizer
+    assert (index[teacher.all_special_ids] == -1).all()
+    for tid in range(len(teacher)):
+        text = teacher.decode([tid])
+        if index[tid] >= 0:
+            assert student(text, add_special_tokens=False)["input_ids"][0] == index[tid]
+        elif tid not in teacher.all_special_ids:
+            assert "\ufffd" in text or not text
+    assert (index >= 0).float().mean() > 0.9
+
+
+def test_one_tokenizer_needs_no_map(offline_tokenizers: dict[str, Any]) -> None:
+    tok = offline_tokenizers["byte_bpe"]
+    aligner = FirstTokenVocab(FirstTokenVocab.Config())
+    assert aligner.map(tok, tok, len(tok), len(tok)) is None
+    other = offline_tokenizers["piece_bpe"]
+    assert aligner.map(other, tok, len(other), len(tok)) is not None
+
+
+@pytest.mark.real_teachers
+def test_real_tokenizers_map_words_to_words(real_tokenizers: dict[str, Any]) -> None:
+    smollm2, gemma3 = real_tokenizers["smollm2"], real_tokenizers["gemma3"]
+    vocab = FirstTokenVocab(FirstTokenVocab.Config()).map(gemma3, smollm2, 262144, 49152)
+    assert vocab is not None and vocab.coverage > 0.9
+    for word in [" import", " the", "def", " return"]:
+        t_id = gemma3(word, add_special_tokens=False)["input_ids"]
+        s_id = smollm2(word, add_special_tokens=False)["input_ids"]
+        assert len(t_id) == len(s_id) == 1 and int(vocab.index[t_id[0]]) == s_id[0]
