@@ -7,7 +7,6 @@ curriculum, batches) -> learned parts (kvd.distill) -> optimizer -> checkpoints 
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import save_file
 
 from kvd.assemble import assemble
@@ -24,6 +24,7 @@ from kvd.data import write_manifest
 from kvd.distill import build_distill_model
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
+from kvd.export import clean_tokenizer, model_card
 from kvd.files import atomic_path, json_text, write_atomic
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
@@ -294,14 +295,19 @@ class Trainer:
             ) from None
 
     def _save_outputs(self, metrics: LMMetrics) -> None:
+        state = self.state
+        results = {"step": state.step, "tokens": state.tokens, "validation": metrics.as_dict()}
+        resolved = yaml.safe_load((self.run_dir / "spec.resolved.yaml").read_text())
         with atomic_path(self.run_dir / "student", directory=True) as out:
-            self.model.student.save_pretrained(out)
+            student = self.model.student
+            student.save_pretrained(out)
             self.student.tokenizer.save_pretrained(out)
-            # the BOS the student was trained with, which not every tokenizer class records
-            config = out / "tokenizer_config.json"
-            data = json.loads(config.read_text()) if config.exists() else {}
-            data["add_bos_token"] = self.student.geometry.adds_bos
-            config.write_text(json.dumps(data, indent=2))
+            clean_tokenizer(
+                out,
+                adds_bos=self.student.geometry.adds_bos,
+                max_positions=getattr(student.config, "max_position_embeddings", None),
+            )
+            (out / "README.md").write_text(model_card(self.spec, resolved, results))
         heads = {
             k: v.detach().cpu().clone()
             for k, v in self.model.state_dict().items()
@@ -310,8 +316,6 @@ class Trainer:
         if heads:
             with atomic_path(self.run_dir / "heads.safetensors", directory=False) as path:
                 save_file(heads, path)
-        state = self.state
-        results = {"step": state.step, "tokens": state.tokens, "validation": metrics.as_dict()}
         write_atomic(self.run_dir / "results.json", json_text(results))
 
     def run(self, log: MetricsLog | None, progress: Progress) -> TrainResult:

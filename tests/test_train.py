@@ -257,6 +257,25 @@ def test_logit_kd_across_tokenizers_through_the_vocabulary_map(
             assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
 
+def test_exported_student_has_a_model_card_and_a_clean_tokenizer(finished: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student = finished / "student"
+    card = (student / "README.md").read_text()
+    results = json.loads((finished / "results.json").read_text())
+    bpb = results["validation"]["bits_per_byte"]
+    assert "`llama`" in card and "`qwen`" in card  # the teachers
+    assert f"{bpb:.4f} bits/byte" in card and f"{results['step']} steps" in card
+    spec = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert parse_spec(spec).teachers[1].id == "qwen"  # the spec it was trained with
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local", "chat_template"} & set(config)
+    assert not (student / "chat_template.jinja").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(student))
+    tokenizer = AutoTokenizer.from_pretrained(str(student))
+    assert tokenizer.model_max_length == model.config.max_position_embeddings
+
+
 def test_resolved_spec_is_complete_and_valid(finished: Path) -> None:
     resolved = yaml.safe_load((finished / "spec.resolved.yaml").read_text())
     assert resolved["alignment"]["tokens"]["name"] == "soft"  # a default, written out

@@ -1,0 +1,73 @@
+"""The student as users take it: an HF model dir whose tokenizer config says what the student was
+trained with (not where its files came from) and a model card (README.md) of its run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvd.spec import RunSpec
+
+LOCAL_KEYS = ("local_files_only", "is_local", "chat_template")
+"""Tokenizer-config keys about the machine that saved it, or the teacher's chat format (a base
+student trained on plain text has none)."""
+
+
+def clean_tokenizer(out: Path, *, adds_bos: bool, max_positions: int | None) -> None:
+    """Rewrite `out`'s tokenizer config: the BOS the student was trained with (not every tokenizer
+    class records it), its real context length instead of transformers' 1e30 placeholder, no
+    keys of LOCAL_KEYS, and no chat_template.jinja."""
+    config = out / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.exists() else {}
+    for key in LOCAL_KEYS:
+        data.pop(key, None)
+    data["add_bos_token"] = adds_bos
+    if max_positions is not None:
+        data["model_max_length"] = max_positions
+    config.write_text(json.dumps(data, indent=2))
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+
+
+def model_card(spec: RunSpec, resolved: dict[str, Any], results: dict[str, Any]) -> str:
+    """README.md of an exported student: what it was distilled from, on what, for how long, how
+    well it scores on its validation split, and the resolved spec to reproduce it."""
+    val = results.get("validation", {})
+    teachers = "\n".join(f"- `{t.id}`: {t.build().describe()}" for t in spec.teachers)
+    losses = ", ".join(f"{ref.name} ({ref.weight:g})" for ref in spec.losses)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [kvd, knowledge-distillation]",
+        "---",
+        "",
+        f"# {spec.name}: a student distilled by kvd",
+        "",
+        "Teachers:",
+        "",
+        teachers,
+        "",
+        f"- data: `{spec.data.name}`, sequences of {spec.data.seq_len} tokens",
+        f"- losses: {losses}; fusion: `{spec.fusion.name}`",
+        f"- trained: {results.get('step')} steps, {results.get('tokens')} tokens",
+    ]
+    if "bits_per_byte" in val:
+        lines.append(
+            f"- validation: {val['bits_per_byte']:.4f} bits/byte, perplexity "
+            f"{val['perplexity']:.2f}, next-token accuracy {val['accuracy']:.4f} "
+            f"({val['tokens']} tokens of the run's held-out split)"
+        )
+    lines += [
+        "",
+        "Load it with transformers: `AutoModelForCausalLM.from_pretrained(DIR)` and",
+        "`AutoTokenizer.from_pretrained(DIR)`. The spec it was trained with (`kvd train`",
+        "reruns it):",
+        "",
+        "```yaml",
+        yaml.safe_dump(resolved, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
