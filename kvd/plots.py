@@ -133,6 +133,8 @@ def routing(group: Group, prefix: str) -> tuple[list[str], list[str], np.ndarray
                     sums.setdefault((match.group(1), match.group(2)), []).append(value)
     if len({k[1] for k in sums}) < 2:
         return None  # nothing is routed with one teacher
+    if all(max(v) - min(v) < 1e-6 for v in sums.values()):
+        return None  # weights fixed by construction (fixed, mean): the spec already says them
     rows = sorted({k[0] for k in sums}, key=lambda x: (len(x), x))
     teachers = sorted({k[1] for k in sums})
     grid = np.array([[np.mean(sums.get((r, t), [np.nan])) for t in teachers] for r in rows])
@@ -140,7 +142,8 @@ def routing(group: Group, prefix: str) -> tuple[list[str], list[str], np.ndarray
 
 
 def routing_heatmaps(group: Group, path: Path) -> Path | None:
-    """Routing weights by student layer and by task, each teacher a column."""
+    """Routing weights by student layer and by task, each teacher a column; None when no
+    weight varies over steps and seeds."""
     parts = [(t, routing(group, p)) for t, p in (("by layer", "L"), ("by task", "task/"))]
     shown = [(t, r) for t, r in parts if r is not None]
     if not shown:

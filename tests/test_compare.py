@@ -31,6 +31,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data["training"]["max_steps"] = 2
         if kind == "ce":
             data["losses"] = [{"name": "ce"}]
+        else:
+            data["fusion"] = {"name": "similarity"}  # learned routing: a heatmap to draw
         train(parse_spec(data), data, base_dir=Path("."))
     return root
 
