@@ -159,6 +159,14 @@ def uses_teachers(spec: RunSpec) -> bool:
     return any(reads_teachers(ref.component) for ref in spec_losses(spec))
 
 
+def student_vocab_teachers(spec: RunSpec) -> list[str]:
+    """Sorted ids of the teachers some loss compares with the student token by token
+    (Loss.needs_student_vocab)."""
+    ids = [t.id for t in spec.teachers]
+    refs = [r for r in spec_losses(spec) if getattr(r.component, "needs_student_vocab", False)]
+    return sorted({t for r in refs for t in r.teachers or ids})
+
+
 def logit_teachers(spec: RunSpec) -> list[str]:
     """Sorted ids of the teachers whose logits some loss of some stage reads."""
     ids = [t.id for t in spec.teachers]

