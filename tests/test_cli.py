@@ -15,6 +15,23 @@ from kvd.cli.app import main
 from tests.specs import tiny_spec
 
 
+def test_shell_completion_of_commands() -> None:
+    """`kvd --install-completion` installs what `--show-completion` prints; the shell then asks
+    kvd itself for the words that complete a command line."""
+    import os
+
+    cli = [sys.executable, "-m", "kvd.cli"]
+    script = subprocess.run([*cli, "--show-completion", "bash"], capture_output=True, text=True)
+    assert script.returncode == 0 and "complete -o default -F _kvd_completion kvd" in script.stdout
+    env = os.environ | {
+        "_KVD_COMPLETE": "complete_bash",
+        "COMP_WORDS": "kvd check-",
+        "COMP_CWORD": "1",
+    }
+    words = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert words.stdout.split() == ["check-shapes"]
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"kvd {kvd.__version__}"

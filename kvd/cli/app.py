@@ -25,7 +25,7 @@ def build_app() -> typer.Typer:
         help="Distil several heterogeneous teacher LLMs into one student through their KV caches.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        add_completion=False,
+        add_completion=True,
     )
 
     @app.callback()
