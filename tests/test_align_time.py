@@ -14,14 +14,18 @@ from kvd.align.time import ResampleAligner, SegmentResampleAligner, linear_index
 from kvd.tokenize import tokenize
 from kvd.types import TokenBatch
 from tests.test_align_tokens import (
-    ALPHABET,
+    BOS,
+    MAX_LENGTH,
     OFFLINE,
+    PAIRS,
+    RANDOM_TEXTS,
     TEXTS,
     assert_causal,
     assert_identity,
     batch,
     check_alignment,
     text_mask,
+    tokenized_pair,
 )
 
 
@@ -215,10 +219,10 @@ def test_segment_beyond_a_truncated_teacher_is_masked() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    texts=st.lists(st.lists(st.sampled_from(ALPHABET), max_size=24).map("".join), max_size=3),
-    pair=st.tuples(st.sampled_from(OFFLINE), st.sampled_from(OFFLINE)),
-    bos=st.tuples(st.booleans(), st.booleans()),
-    max_length=st.none() | st.integers(1, 30),
+    texts=RANDOM_TEXTS,
+    pair=PAIRS,
+    bos=BOS,
+    max_length=MAX_LENGTH,
     causal=st.booleans(),
 )
 def test_segment_resample_is_causal(
@@ -229,9 +233,7 @@ def test_segment_resample_is_causal(
     max_length: int | None,
     causal: bool,
 ) -> None:
-    texts = texts or [""]
-    student = tokenize(offline_tokenizers[pair[0]], texts, add_bos=bos[0], max_length=max_length)
-    teacher = tokenize(offline_tokenizers[pair[1]], texts, add_bos=bos[1])
+    student, teacher = tokenized_pair(offline_tokenizers, texts, pair, bos, max_length)
     aligner = SegmentResampleAligner(SegmentResampleAligner.Config(causal=causal))
     al = aligner.align(student, teacher)
     if causal:

@@ -209,14 +209,34 @@ ALPHABET = [
     *["the", " quick", "brow", "n", " fox", "jumps", " over", "lazy", " dog", "return", " x"],
 ]
 """Pieces of random texts: characters and words the offline tokenizers merge differently."""
+RANDOM_TEXTS = st.lists(st.lists(st.sampled_from(ALPHABET), max_size=24).map("".join), max_size=3)
+PAIRS = st.tuples(st.sampled_from(OFFLINE), st.sampled_from(OFFLINE))
+BOS = st.tuples(st.booleans(), st.booleans())
+MAX_LENGTH = st.none() | st.integers(1, 30)
+"""Hypothesis strategies of the property tests: texts, (student, teacher) tokenizers, whether
+each adds BOS, the student's truncation."""
+
+
+def tokenized_pair(
+    tokenizers: dict[str, Any],
+    texts: list[str],
+    pair: tuple[str, str],
+    bos: tuple[bool, bool],
+    max_length: int | None,
+) -> tuple[TokenBatch, TokenBatch]:
+    """The (student, teacher) batches of a property test's draw."""
+    texts = texts or [""]
+    student = tokenize(tokenizers[pair[0]], texts, add_bos=bos[0], max_length=max_length)
+    teacher = tokenize(tokenizers[pair[1]], texts, add_bos=bos[1])
+    return student, teacher
 
 
 @settings(max_examples=400, deadline=None)
 @given(
-    texts=st.lists(st.lists(st.sampled_from(ALPHABET), max_size=24).map("".join), max_size=3),
-    pair=st.tuples(st.sampled_from(OFFLINE), st.sampled_from(OFFLINE)),
-    bos=st.tuples(st.booleans(), st.booleans()),
-    max_length=st.none() | st.integers(1, 30),
+    texts=RANDOM_TEXTS,
+    pair=PAIRS,
+    bos=BOS,
+    max_length=MAX_LENGTH,
     name=st.sampled_from(list(ALIGNERS)),
     fallback=st.sampled_from(["last_causal", "mask"]),
 )
@@ -229,9 +249,7 @@ def test_never_reads_text_the_student_has_not_seen(
     name: str,
     fallback: str,
 ) -> None:
-    texts = texts or [""]
-    student = tokenize(offline_tokenizers[pair[0]], texts, add_bos=bos[0], max_length=max_length)
-    teacher = tokenize(offline_tokenizers[pair[1]], texts, add_bos=bos[1])
+    student, teacher = tokenized_pair(offline_tokenizers, texts, pair, bos, max_length)
     assert_causal(build(name, fallback=fallback).align(student, teacher), student, teacher)
 
 

@@ -8,12 +8,21 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from kvd.align.tokens import next_token_alignment
 from kvd.align.vocab import FLOOR, FirstTokenVocab, TopK, VocabMap, first_token_index
 from kvd.tokenize import tokenize
-from tests.test_align_tokens import ALPHABET, OFFLINE, TEXTS, assert_identity, check_alignment
+from tests.test_align_tokens import (
+    BOS,
+    MAX_LENGTH,
+    OFFLINE,
+    PAIRS,
+    RANDOM_TEXTS,
+    TEXTS,
+    assert_identity,
+    check_alignment,
+    tokenized_pair,
+)
 
 
 def assert_same_end(al: Any, student: Any, teacher: Any) -> None:
@@ -49,10 +58,10 @@ def test_same_tokenizer_is_identity(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    texts=st.lists(st.lists(st.sampled_from(ALPHABET), max_size=24).map("".join), max_size=3),
-    pair=st.tuples(st.sampled_from(OFFLINE), st.sampled_from(OFFLINE)),
-    bos=st.tuples(st.booleans(), st.booleans()),
-    max_length=st.none() | st.integers(1, 30),
+    texts=RANDOM_TEXTS,
+    pair=PAIRS,
+    bos=BOS,
+    max_length=MAX_LENGTH,
 )
 def test_pairs_end_together_and_are_causal(
     offline_tokenizers: dict[str, Any],
@@ -61,9 +70,7 @@ def test_pairs_end_together_and_are_causal(
     bos: tuple[bool, bool],
     max_length: int | None,
 ) -> None:
-    texts = texts or [""]
-    student = tokenize(offline_tokenizers[pair[0]], texts, add_bos=bos[0], max_length=max_length)
-    teacher = tokenize(offline_tokenizers[pair[1]], texts, add_bos=bos[1])
+    student, teacher = tokenized_pair(offline_tokenizers, texts, pair, bos, max_length)
     assert_same_end(next_token_alignment(student, teacher), student, teacher)
 
 
