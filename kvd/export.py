@@ -1,5 +1,11 @@
-"""The student as users take it: an HF model dir whose tokenizer config says what the student was
-trained with (not where its files came from) and a model card (README.md) of its run."""
+"""The student as users take it: an HF model dir that loads under transformers 5 and under the
+last 4.x release, whose tokenizer config says what the student was trained with (not where its
+files came from), and a model card (README.md) of its run.
+
+transformers 5 names a tokenizer class (`TokenizersBackend`) that 4.x does not know, and keeps
+RoPE settings in `rope_parameters`, which 4.x ignores (it would rotate with theta 10000 whatever
+the student was trained with). The export names `PreTrainedTokenizerFast`, which both read, and
+writes the 4.x keys `rope_theta` / `rope_scaling` beside `rope_parameters`."""
 
 from __future__ import annotations
 
@@ -16,19 +22,30 @@ LOCAL_KEYS = ("local_files_only", "is_local", "chat_template")
 student trained on plain text has none)."""
 
 
-def clean_tokenizer(out: Path, *, adds_bos: bool, max_positions: int | None) -> None:
-    """Rewrite `out`'s tokenizer config: the BOS the student was trained with (not every tokenizer
-    class records it), its real context length instead of transformers' 1e30 placeholder, no
-    keys of LOCAL_KEYS, and no chat_template.jinja."""
-    config = out / "tokenizer_config.json"
-    data = json.loads(config.read_text()) if config.exists() else {}
+def make_portable(out: Path, *, adds_bos: bool, max_positions: int | None) -> None:
+    """Rewrite the configs of the HF model dir `out` (module docstring). Tokenizer: the BOS the
+    student was trained with (not every tokenizer class records it), its real context length
+    instead of transformers' 1e30 placeholder, a class both major versions know, no keys of
+    LOCAL_KEYS and no chat_template.jinja. Model: RoPE settings also as 4.x reads them."""
+    tokenizer = out / "tokenizer_config.json"
+    data = json.loads(tokenizer.read_text()) if tokenizer.exists() else {}
     for key in LOCAL_KEYS:
         data.pop(key, None)
     data["add_bos_token"] = adds_bos
+    data["tokenizer_class"] = "PreTrainedTokenizerFast"
     if max_positions is not None:
         data["model_max_length"] = max_positions
-    config.write_text(json.dumps(data, indent=2))
+    tokenizer.write_text(json.dumps(data, indent=2))
     (out / "chat_template.jinja").unlink(missing_ok=True)
+    model = out / "config.json"
+    config = json.loads(model.read_text())
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            config["rope_scaling"] = scaling
+        model.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def model_card(spec: RunSpec, resolved: dict[str, Any], results: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from kvd.data import write_manifest
 from kvd.distill import build_distill_model
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
-from kvd.export import clean_tokenizer, model_card
+from kvd.export import make_portable, model_card
 from kvd.files import atomic_path, json_text, write_atomic
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
@@ -302,7 +302,7 @@ class Trainer:
             student = self.model.student
             student.save_pretrained(out)
             self.student.tokenizer.save_pretrained(out)
-            clean_tokenizer(
+            make_portable(
                 out,
                 adds_bos=self.student.geometry.adds_bos,
                 max_positions=getattr(student.config, "max_position_embeddings", None),
