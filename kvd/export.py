@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from kvd.files import atomic_path
+from kvd.models import LoadedModel
 from kvd.spec import RunSpec
 
 LOCAL_KEYS = ("local_files_only", "is_local", "chat_template")
@@ -88,3 +90,23 @@ def model_card(spec: RunSpec, resolved: dict[str, Any], results: dict[str, Any])
         "",
     ]
     return "\n".join(lines)
+
+
+def write_student(
+    path: Path,
+    student: LoadedModel,
+    spec: RunSpec,
+    resolved: dict[str, Any],
+    results: dict[str, Any],
+) -> None:
+    """The student as one HF model dir at `path`, written whole or not at all: weights,
+    tokenizer, portable configs and the model card of `results` (step, tokens, validation)."""
+    with atomic_path(path, directory=True) as out:
+        student.model.save_pretrained(out)
+        student.tokenizer.save_pretrained(out)
+        make_portable(
+            out,
+            adds_bos=student.geometry.adds_bos,
+            max_positions=getattr(student.model.config, "max_position_embeddings", None),
+        )
+        (out / "README.md").write_text(model_card(spec, resolved, results))

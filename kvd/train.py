@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from kvd.data import write_manifest
 from kvd.distill import build_distill_model
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
-from kvd.export import make_portable, model_card
+from kvd.export import write_student
 from kvd.files import atomic_path, json_text, write_atomic
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
@@ -298,16 +298,8 @@ class Trainer:
         state = self.state
         results = {"step": state.step, "tokens": state.tokens, "validation": metrics.as_dict()}
         resolved = yaml.safe_load((self.run_dir / "spec.resolved.yaml").read_text())
-        with atomic_path(self.run_dir / "student", directory=True) as out:
-            student = self.model.student
-            student.save_pretrained(out)
-            self.student.tokenizer.save_pretrained(out)
-            make_portable(
-                out,
-                adds_bos=self.student.geometry.adds_bos,
-                max_positions=getattr(student.config, "max_position_embeddings", None),
-            )
-            (out / "README.md").write_text(model_card(self.spec, resolved, results))
+        student = replace(self.student, model=self.model.student)
+        write_student(self.run_dir / "student", student, self.spec, resolved, results)
         heads = {
             k: v.detach().cpu().clone()
             for k, v in self.model.state_dict().items()

@@ -276,6 +276,33 @@ def test_exported_student_has_a_model_card_and_a_clean_tokenizer(finished: Path)
     assert tokenizer.model_max_length == model.config.max_position_embeddings
 
 
+def test_export_a_checkpoint_as_an_hf_model(
+    finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvd export RUN --step N`: the last checkpoint's student has the final student's logits,
+    an earlier one others; an existing --out is never overwritten."""
+    from transformers import AutoModelForCausalLM
+
+    assert main(["export", str(finished), "--step", "4", "--out", str(tmp_path / "s4")]) == 0
+    assert main(["export", str(finished), "--step", "2", "--out", str(tmp_path / "s2")]) == 0
+    assert "4 steps" not in (tmp_path / "s2" / "README.md").read_text()
+    ids = torch.tensor([[5, 70, 101, 33, 9]])
+
+    def logits(path: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(str(path))(input_ids=ids).logits
+
+    final = logits(finished / "student")
+    assert torch.equal(logits(tmp_path / "s4"), final)
+    assert not torch.allclose(logits(tmp_path / "s2"), final)
+    capsys.readouterr()
+    assert main(["export", str(finished), "--step", "3", "--out", str(tmp_path / "s3")]) == 2
+    assert "steps 2, 4" in capsys.readouterr().err and not (tmp_path / "s3").exists()
+    before = (tmp_path / "s2" / "README.md").read_text()
+    assert main(["export", str(finished), "--out", str(tmp_path / "s2")]) == 2
+    assert (tmp_path / "s2" / "README.md").read_text() == before
+
+
 def test_resolved_spec_is_complete_and_valid(finished: Path) -> None:
     resolved = yaml.safe_load((finished / "spec.resolved.yaml").read_text())
     assert resolved["alignment"]["tokens"]["name"] == "soft"  # a default, written out

@@ -17,7 +17,17 @@ from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
 
 def build_app() -> typer.Typer:
     """A fresh app with every built-in and plugin command."""
-    from kvd.cli import ab, cache_teachers, check_shapes, compare, plugins, schema, train, validate
+    from kvd.cli import (
+        ab,
+        cache_teachers,
+        check_shapes,
+        compare,
+        export,
+        plugins,
+        schema,
+        train,
+        validate,
+    )
     from kvd.cli import eval as eval_cli
 
     app = typer.Typer(
@@ -51,6 +61,7 @@ def build_app() -> typer.Typer:
         train,
         cache_teachers,
         eval_cli,
+        export,
         compare,
         ab,
     ):

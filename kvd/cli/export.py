@@ -1,0 +1,71 @@
+"""`kvd export RUN --step N --out DIR`: a checkpoint's student as an HF model dir.
+
+The finished student is already in RUN/student; this writes the student of any kept checkpoint
+the same way (portable configs, a model card), never over an existing path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+import yaml
+
+from kvd.build import load_model
+from kvd.checkpoint import list_checkpoints, load_checkpoint
+from kvd.cli.errors import stdout
+from kvd.errors import KvdError
+from kvd.eval_texts import is_run_dir, run_spec
+from kvd.export import write_student
+
+PREFIX = "student."
+"""The student's weights in a checkpoint (the DistillModel's state dict)."""
+
+
+def export_command(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run dir with checkpoints."),
+    out: Path = typer.Option(..., "--out", help="The HF model dir to write (must not exist)."),
+    step: int | None = typer.Option(
+        None, "--step", min=1, help="The checkpoint's step (default: the newest)."
+    ),
+    base_dir: Path = typer.Option(
+        Path("."),
+        "--base-dir",
+        help="Folder that relative paths in the run's spec.yaml start from.",
+    ),
+) -> None:
+    """Write the student of one of a run's checkpoints as an HF model dir with a model card."""
+    if not is_run_dir(run):
+        raise KvdError(f"{run}: not a kvd run directory", hint="give the output.dir of a run")
+    if out.exists():
+        raise KvdError(
+            f"--out {out}: already exists; kvd never overwrites it", hint="pick a new path"
+        )
+    found, _ = list_checkpoints(run / "checkpoints")
+    if not found:
+        raise KvdError(f"{run}: has no valid checkpoint to export")
+    by_step = {c.step: c for c in found}
+    chosen = found[-1] if step is None else by_step.get(step)
+    if chosen is None:
+        raise KvdError(
+            f"--step {step}: {run} has no valid checkpoint of that step",
+            hint=f"its checkpoints: steps {', '.join(str(s) for s in by_step)}",
+        )
+    spec = run_spec(run, base_dir)
+    student = load_model(spec.student, torch.device("cpu"), "student", spec.seed)
+    saved = load_checkpoint(chosen.path)
+    weights = {k[len(PREFIX) :]: v for k, v in saved["model"].items() if k.startswith(PREFIX)}
+    student.model.load_state_dict(weights, strict=True)
+    state = saved["state"]
+    results = {"step": chosen.step, "tokens": state.get("tokens")}
+    resolved = yaml.safe_load((run / "spec.resolved.yaml").read_text())
+    write_student(out, student, spec, resolved, results)
+    stdout().print(
+        f"wrote the student of {chosen.path.name} ({json.dumps(results)}) to {out}", markup=False
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
