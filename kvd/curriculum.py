@@ -7,6 +7,7 @@ It is the one place that interprets a loss's `inputs`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,13 +163,16 @@ def uses_teachers(spec: RunSpec) -> bool:
 def student_vocab_teachers(spec: RunSpec) -> list[str]:
     """Sorted ids of the teachers some loss compares with the student token by token
     (Loss.needs_student_vocab)."""
-    ids = [t.id for t in spec.teachers]
-    refs = [r for r in spec_losses(spec) if getattr(r.component, "needs_student_vocab", False)]
-    return sorted({t for r in refs for t in r.teachers or ids})
+    return _teachers_read(spec, lambda loss: loss.needs_student_vocab)
 
 
 def logit_teachers(spec: RunSpec) -> list[str]:
     """Sorted ids of the teachers whose logits some loss of some stage reads."""
+    return _teachers_read(spec, reads_logits)
+
+
+def _teachers_read(spec: RunSpec, by: Callable[[type[Loss]], bool]) -> list[str]:
+    """Sorted ids of the teachers read by the losses of any stage whose class satisfies `by`
+    (a loss without `teachers:` reads them all)."""
     ids = [t.id for t in spec.teachers]
-    refs = spec_losses(spec)
-    return sorted({t for r in refs if reads_logits(r.component) for t in r.teachers or ids})
+    return sorted({t for r in spec_losses(spec) if by(r.component) for t in r.teachers or ids})

@@ -22,6 +22,7 @@ are used as they are, at the token aligner's positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -70,12 +71,17 @@ class VocabMap:
         (float32): softmax, the mass of each teacher token added to its student token,
         renormalised over the mapped mass, log with FLOOR."""
         probs = torch.softmax(logits.float(), dim=-1)
-        index = self.index.to(logits.device)
-        kept = (index >= 0).nonzero().squeeze(1)
+        source, target = (x.to(logits.device) for x in self._mapped)
         out = probs.new_zeros(*probs.shape[:-1], self.size)
-        out.index_add_(-1, index[kept], probs.index_select(-1, kept))
+        out.index_add_(-1, target, probs.index_select(-1, source))
         out /= out.sum(dim=-1, keepdim=True).clamp_min(FLOOR)
         return out.clamp_min_(FLOOR).log_()
+
+    @cached_property
+    def _mapped(self) -> tuple[Tensor, Tensor]:
+        """(teacher ids that map, their student ids), found once rather than at every step."""
+        source = (self.index >= 0).nonzero().squeeze(1)
+        return source, self.index[source]
 
     def top_k(self, logits: Tensor) -> TopK:
         """Teacher logits [..., Vt] -> the k most likely student tokens of `apply`."""

@@ -456,11 +456,8 @@ def _check_rope(c: _Check, aligner: RopeAligner) -> None:
 def _check_vocab(c: _Check, aligner: VocabAligner) -> None:
     student, words = byte_tokenizer(), _word_tokenizer()
     vs, vt = len(student), len(words) + 3  # logits may have rows past the tokenizer
-    c.require(
-        aligner.map(student, student, vs, vs) is None
-        or isinstance(aligner.map(student, student, vs, vs), VocabMap),
-        "map() must return a VocabMap or None",
-    )
+    same = aligner.map(student, student, vs, vs)
+    c.require(same is None or isinstance(same, VocabMap), "map() must return a VocabMap or None")
     found = aligner.map(words, student, vt, vs)
     if found is None:
         c.passed("vocab: keeps the teacher's vocabulary")
