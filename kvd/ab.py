@@ -35,7 +35,7 @@ from rich.console import Console
 
 from kvd.ab_groups import builtin_groups, expand_names, setting
 from kvd.component import config_class
-from kvd.curriculum import logit_teachers, uses_teachers
+from kvd.curriculum import logit_teachers, reads_kv, uses_teachers
 from kvd.data import read_manifest
 from kvd.diff import dotted_differences
 from kvd.errors import KvdError, SpecError
@@ -246,6 +246,7 @@ def cache_key(spec: RunSpec) -> str | None:
         return None
     stages = spec.training.stages
     fusions = [spec.fusion] + [st.fusion for st in stages if st.fusion is not None]
+    stage_losses = [spec.losses] + [st.losses or spec.losses for st in stages]
     payload = {
         "teachers": [t.model_dump(mode="json", exclude={"weight"}) for t in spec.teachers],
         "student": spec.student.model_dump(mode="json"),
@@ -255,6 +256,7 @@ def cache_key(spec: RunSpec) -> str | None:
         "steps": [spec.training.max_steps, spec.training.batch_size, spec.training.grad_accum],
         "stages": [[st.start_step, st.teachers] for st in stages],
         "logits": logit_teachers(spec),
+        "kv": [any(reads_kv(r.component) for r in ls) for ls in stage_losses],
         "teacher_ce": any(f.component.needs_teacher_ce for f in fusions),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -216,6 +216,28 @@ def test_runs_that_compute_the_same_teacher_targets_share_a_cache(tmp_path: Path
     assert Path(caches["multi"]).parent == tmp_path / "runs" / "cache"
 
 
+def test_a_run_that_reads_no_kv_does_not_share_a_cache_with_one_that_does(tmp_path: Path) -> None:
+    """A logits-only run's cache holds no K/V: a KV run with the same teachers and logits must
+    not be pointed at it (it was, and stopped with 'has no K/V of teacher')."""
+    kd = "{name: logit_kd, weight: 0.5, teachers: [smollm2]}"
+    custom = {
+        "kd_only": {"set": [f"losses=[{{name: ce, weight: 0.5}}, {kd}]"]},
+        "kd_only_again": {"set": [f"losses=[{{name: ce, weight: 0.4}}, {kd}]"]},
+        "kd_kv": {"set": [f"losses=[{{name: ce, weight: 0.5}}, {kd}, {{name: kv_mse}}]"]},
+        "kd_kv_again": {"set": [f"losses=[{{name: ce, weight: 0.4}}, {kd}, {{name: kv_mse}}]"]},
+    }
+    common = {"seeds": [0], "steps": 1, "teacher_cache": True, "evaluate": False}
+    path = experiment(tmp_path, groups=[], custom=custom, references=["kd_only"], **common)
+    assert main(["ab", str(path), "--min-seeds", "1"]) == 0
+    caches = {
+        group: yaml.safe_load((tmp_path / "runs" / group / "seed0" / "spec.yaml").read_text())[
+            "training"
+        ]["teacher_cache"]
+        for group in custom
+    }
+    assert caches["kd_only"] == caches["kd_only_again"] != caches["kd_kv"] == caches["kd_kv_again"]
+
+
 def test_a_group_added_later_shares_a_finished_runs_cache_without_rerunning_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
