@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from kvd.errors import KvdError
 from kvd.files import atomic_path
 from kvd.models import LoadedModel
+from kvd.onnx_export import TOLERANCE, check_onnx, export_onnx
 from kvd.spec import RunSpec
 
 LOCAL_KEYS = ("local_files_only", "is_local", "chat_template")
@@ -98,9 +100,13 @@ def write_student(
     spec: RunSpec,
     resolved: dict[str, Any],
     results: dict[str, Any],
-) -> None:
+    *,
+    onnx: bool = False,
+) -> float | None:
     """The student as one HF model dir at `path`, written whole or not at all: weights,
-    tokenizer, portable configs and the model card of `results` (step, tokens, validation)."""
+    tokenizer, portable configs and the model card of `results` (step, tokens, validation).
+    With `onnx`, also `model.onnx` (kvd.onnx_export), checked with onnxruntime on CHECK_TEXT;
+    returns the largest |logit difference| found there (None without `onnx`)."""
     with atomic_path(path, directory=True) as out:
         student.model.save_pretrained(out)
         student.tokenizer.save_pretrained(out)
@@ -109,4 +115,38 @@ def write_student(
             adds_bos=student.geometry.adds_bos,
             max_positions=getattr(student.model.config, "max_position_embeddings", None),
         )
-        (out / "README.md").write_text(model_card(spec, resolved, results))
+        card = model_card(spec, resolved, results)
+        diff = None
+        if onnx:
+            diff = write_onnx(out / "model.onnx", student)
+            card += ONNX_CARD.format(diff=diff)
+        (out / "README.md").write_text(card)
+    return diff
+
+
+CHECK_TEXT = "def mean(xs):\n    return sum(xs) / len(xs)  # the average of a list of numbers\n"
+"""Real text the ONNX export is checked on (code and prose, as in the built-in corpus)."""
+
+ONNX_CARD = """
+## ONNX
+
+`model.onnx` is the same student as an ONNX decoder with its KV cache (inputs `input_ids`,
+`attention_mask`, `position_ids`, `past_key_values.{{i}}.key|value`; outputs `logits`,
+`present.{{i}}.key|value`). onnxruntime matched torch on real text within {diff:.1e} (largest
+|logit difference|, a prefill then one token at a time through the cache).
+"""
+
+
+def write_onnx(path: Path, student: LoadedModel) -> float:
+    """Export the student to `path` and check it (kvd.onnx_export); the largest |logit
+    difference| from torch, or a KvdError when it exceeds onnx_export.TOLERANCE."""
+    ids = student.tokenizer(CHECK_TEXT, return_tensors="pt").input_ids
+    export_onnx(student.model, path)
+    diff = check_onnx(path, student.model, ids)
+    if diff > TOLERANCE:
+        raise KvdError(
+            f"{path.name}: onnxruntime's logits differ from torch's by {diff:.2e} "
+            f"(> {TOLERANCE:g}); the export was not kept",
+            hint="report it with the run's spec.yaml; `kvd export` without --format onnx works",
+        )
+    return diff

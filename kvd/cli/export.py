@@ -1,4 +1,5 @@
-"""`kvd export RUN --step N --out DIR`: a checkpoint's student as an HF model dir.
+"""`kvd export RUN --step N --out DIR [--format onnx]`: a checkpoint's student as an HF model
+dir (and an ONNX decoder with its KV cache).
 
 The finished student is already in RUN/student; this writes the student of any kept checkpoint
 the same way (portable configs, a model card), never over an existing path.
@@ -7,6 +8,7 @@ the same way (portable configs, a model card), never over an existing path.
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -19,6 +21,15 @@ from kvd.cli.errors import stdout
 from kvd.errors import KvdError
 from kvd.eval_texts import is_run_dir, run_spec
 from kvd.export import write_student
+from kvd.onnx_export import require_onnx
+
+
+class Format(StrEnum):
+    """What `kvd export` writes."""
+
+    hf = "hf"
+    onnx = "onnx"
+
 
 PREFIX = "student."
 """The student's weights in a checkpoint (the DistillModel's state dict)."""
@@ -30,19 +41,28 @@ def export_command(
     step: int | None = typer.Option(
         None, "--step", min=1, help="The checkpoint's step (default: the newest)."
     ),
+    fmt: Format = typer.Option(
+        Format.hf,
+        "--format",
+        help="hf: an HF model dir; onnx: the same plus model.onnx (needs `pip install "
+        "'kvd[onnx]'`), checked against torch with onnxruntime.",
+    ),
     base_dir: Path = typer.Option(
         Path("."),
         "--base-dir",
         help="Folder that relative paths in the run's spec.yaml start from.",
     ),
 ) -> None:
-    """Write the student of one of a run's checkpoints as an HF model dir with a model card."""
+    """Write the student of one of a run's checkpoints as an HF model dir with a model card
+    (and as ONNX with --format onnx)."""
     if not is_run_dir(run):
         raise KvdError(f"{run}: not a kvd run directory", hint="give the output.dir of a run")
     if out.exists():
         raise KvdError(
             f"--out {out}: already exists; kvd never overwrites it", hint="pick a new path"
         )
+    if fmt is Format.onnx:
+        require_onnx()
     found, _ = list_checkpoints(run / "checkpoints")
     if not found:
         raise KvdError(f"{run}: has no valid checkpoint to export")
@@ -61,10 +81,16 @@ def export_command(
     state = saved["state"]
     results = {"step": chosen.step, "tokens": state.get("tokens")}
     resolved = yaml.safe_load((run / "spec.resolved.yaml").read_text())
-    write_student(out, student, spec, resolved, results)
+    diff = write_student(out, student, spec, resolved, results, onnx=fmt is Format.onnx)
     stdout().print(
         f"wrote the student of {chosen.path.name} ({json.dumps(results)}) to {out}", markup=False
     )
+    if diff is not None:
+        stdout().print(
+            f"model.onnx: onnxruntime matches torch within {diff:.1e} (largest |logit "
+            f"difference| on real text, through the KV cache)",
+            markup=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
