@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 import kvd
 from kvd.errors import KvdError
 from kvd.manager import get_plugins
+from kvd.trackers import Tracker
 
 RUN_MARKERS = ("spec.yaml", "metrics.jsonl", "checkpoints")
 LOCK = ".kvd.lock"
@@ -164,43 +166,32 @@ def write_environment(path: Path) -> None:
     (path / "environment.json").write_text(json.dumps(environment(), indent=2), encoding="utf-8")
 
 
-def tensorboard_writer(path: Path) -> Any:
-    """A TensorBoard SummaryWriter when the `tensorboard` package is installed, else None,
-    said once on stderr (metrics.jsonl holds every record either way)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print(
-            "kvd: tensorboard is not installed, so no TensorBoard logs are written (every "
-            "record is in metrics.jsonl; `pip install tensorboard` adds them)",
-            file=sys.stderr,
-        )
-        return None
-    return SummaryWriter(str(path))
-
-
 class MetricsLog:
     """Append-only JSON lines, flushed after every record so a killed run keeps its history;
-    numeric entries also go to `tensorboard` (a SummaryWriter-like object) when given."""
+    a record's numbers also go to each of `trackers` (kvd.trackers) when it has a step."""
 
-    def __init__(self, path: Path, tensorboard: Any = None) -> None:
+    def __init__(self, path: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = path
         self._file = path.open("a", encoding="utf-8")
-        self.tensorboard = tensorboard
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         step = record.get("step")
-        if self.tensorboard is not None and isinstance(step, int):
-            for key, value in record.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step":
-                    self.tensorboard.add_scalar(key, value, step)
+        if self.trackers and isinstance(step, int):
+            numbers = {
+                key: float(value)
+                for key, value in record.items()
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "step"
+            }
+            for tracker in self.trackers:
+                tracker.log(numbers, step)
 
     def close(self) -> None:
         self._file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -309,6 +309,10 @@ class OutputSpec(Strict):
 
     dir: str = "runs/{name}"
     """The run directory; {name} is the spec's name. Relative to the working directory."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Where metrics go besides metrics.jsonl: TensorBoard (skipped, said once, when not
+    installed), Weights & Biases (offline unless WANDB_MODE says otherwise), MLflow (a SQLite
+    store in the run dir unless MLFLOW_TRACKING_URI is set). See docs/index.md, Trackers."""
 
 
 class RunSpec(Strict):

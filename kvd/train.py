@@ -35,7 +35,6 @@ from kvd.rundir import (
     check_new_run_dir,
     create_run_dir,
     holds_run,
-    tensorboard_writer,
     truncate_metrics,
     write_environment,
     write_spec,
@@ -43,6 +42,7 @@ from kvd.rundir import (
 from kvd.runtime import Preempted, PreemptionFlag, Runtime, oom_guard, setup_runtime
 from kvd.schedule import lr_factor
 from kvd.spec import RunSpec
+from kvd.trackers import check_trackers, open_trackers
 
 
 @dataclass
@@ -416,6 +416,7 @@ def _train(
     elif runtime.main:
         check_new_run_dir(run_dir)
     # models and data are checked before anything is written: bad input leaves no run dir
+    check_trackers(spec.output.trackers)
     trainer = Trainer(spec, run_dir, runtime, base_dir)
     if resume:
         if checkpoint is not None:
@@ -429,7 +430,10 @@ def _train(
         write_manifest(trainer.data.manifest, run_dir / "split.json")
     log = None
     if runtime.main:
-        log = MetricsLog(run_dir / "metrics.jsonl", tensorboard_writer(run_dir / "tensorboard"))
+        trackers = open_trackers(
+            spec.output.trackers, run_dir, spec.name, spec.model_dump(mode="json")
+        )
+        log = MetricsLog(run_dir / "metrics.jsonl", trackers)
     try:
         return trainer.run(log, progress or Progress(enabled=runtime.main))
     finally:

@@ -310,27 +310,6 @@ def test_resolved_spec_is_complete_and_valid(finished: Path) -> None:
     assert parse_spec(resolved).teachers[1].id == "qwen"
 
 
-def test_metrics_go_to_tensorboard_when_available(tmp_path: Path) -> None:
-    from kvd.rundir import MetricsLog
-
-    class Writer:
-        def __init__(self) -> None:
-            self.scalars: list[tuple[str, float, int]] = []
-            self.closed = False
-
-        def add_scalar(self, key: str, value: float, step: int) -> None:
-            self.scalars.append((key, value, step))
-
-        def close(self) -> None:
-            self.closed = True
-
-    writer = Writer()
-    log = MetricsLog(tmp_path / "metrics.jsonl", writer)
-    log.write({"step": 3, "loss/total": 1.5, "skipped": False, "event": "x"})
-    log.close()
-    assert writer.scalars == [("loss/total", 1.5, 3)] and writer.closed
-
-
 def test_bf16_autocast_and_activation_checkpointing(tmp_path: Path) -> None:
     data = tiny_spec(tmp_path / "run")
     data["training"].update(precision="bf16", activation_checkpointing=True, max_steps=2)
