@@ -31,11 +31,13 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kvd.losses.base import KVParts, Loss, LossInputs, keep, masked_mean, valid_count
+from kvd.losses.base import KVParts, Loss, LossInputs, keep, masked_mean
 
 GUARD_EPS = 1e-6
 """Floor of sigma^2 relative to the target's mean square; `GUARD_EPS**2` is an absolute floor."""
@@ -47,15 +49,31 @@ def standardise(
     """Both [B, H, T, D] tensors centred by the target's per-feature mean (the student by its
     own with centre_student) and divided by the target's feature-averaged std, statistics over
     the tokens where mask [B, T] is True (masked tokens must already be 0, so sums over all
-    tokens are sums over the valid ones)."""
+    tokens are sums over the valid ones). Under torch.distributed the statistics are those of
+    every process's tokens together (global_sum), so N processes standardise as one would."""
     m = mask[:, None, :, None]
-    count = mask.sum().clamp_min(1)
-    mu = target.sum(dim=(0, 2), keepdim=True) / count
-    var = masked_mean((target - mu).square(), m)
-    floor = GUARD_EPS * (target.square().sum() / valid_count(m, target)).detach() + GUARD_EPS**2
+    tokens = global_sum(mask.sum())
+    count = tokens.clamp_min(1)
+    elements = (tokens * (target.numel() // max(m.numel(), 1))).clamp_min(1)  # valid_count
+    mu = global_sum(target.sum(dim=(0, 2), keepdim=True)) / count
+    var = global_sum(keep((target - mu).square(), m).sum()) / elements
+    floor = GUARD_EPS * (global_sum(target.detach().square().sum()) / elements) + GUARD_EPS**2
     sigma = (var + floor).sqrt()
-    mu_s = student.sum(dim=(0, 2), keepdim=True) / count if centre_student else mu
+    mu_s = global_sum(student.sum(dim=(0, 2), keepdim=True)) / count if centre_student else mu
     return (student - mu_s) / sigma, (target - mu) / sigma
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """`x` summed over the processes of a torch.distributed run (through autograd when it needs
+    gradients: each process's backward then sums the gradients of all processes' losses, and
+    DDP's mean over processes makes it the gradient of the mean loss), else `x` itself."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    if x.requires_grad:
+        return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 class KVLoss(Loss):
