@@ -70,7 +70,8 @@ def global_sum(x: Tensor) -> Tensor:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return x
     if x.requires_grad:
-        return dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+        summed: Tensor = dist_nn.all_reduce(x, op=dist.ReduceOp.SUM)
+        return summed
     out = x.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
