@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 from kvd.errors import KvdError
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-"""The package each tracker imports."""
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+"""The package each tracker that must be installed imports (TensorBoard is optional)."""
 
 IDS = "trackers.json"
 """The file in the run dir that keeps the W&B / MLflow run ids for resuming."""
