@@ -195,8 +195,9 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl file."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """Every complete record of a metrics.jsonl file. A last line without its newline is a
+    record still being written (a live run) or torn by a kill, and is left out."""
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
     return [json.loads(line) for line in lines if line.strip()]
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from kvd.checkpoint import list_checkpoints, verify
 from kvd.cli.app import main
-from kvd.rundir import read_metrics
+from kvd.rundir import read_metrics, truncate_metrics
 from kvd.runtime import PreemptionFlag
 from tests.specs import tiny_spec
 
@@ -393,3 +393,18 @@ def test_json_written_by_kvd_is_strict_json() -> None:
         "curve": [1.0, None, None],
         "n": 3,
     }
+
+
+def test_a_torn_metrics_record_is_left_out_and_dropped_on_resume(tmp_path: Path) -> None:
+    """A kill (or a reader racing a live run) can meet a record written only in part: reading
+    skips it, and the resume's truncation leaves only whole records, so the next one appends
+    on a line of its own."""
+    path = tmp_path / "metrics.jsonl"
+    whole = [{"step": 1, "loss/total": 2.5}, {"step": 2, "loss/total": 2.25}]
+    text = "".join(json.dumps(r) + "\n" for r in whole)
+    path.write_text(text + '{"step": 3, "loss/to', encoding="utf-8")
+    assert read_metrics(path) == whole
+    truncate_metrics(path, 10)
+    assert path.read_text(encoding="utf-8") == "".join(
+        json.dumps(r, sort_keys=True) + "\n" for r in whole
+    )
