@@ -1,0 +1,1 @@
+"""kvd's parts inside other training loops (kvd.integrations.hf: transformers.Trainer)."""
