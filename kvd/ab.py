@@ -47,6 +47,17 @@ from kvd.spec import RunSpec, apply_overrides, parse_spec, pydantic_problems, re
 BASELINE = "ce_only"
 
 
+class HarnessTasks(BaseModel):
+    """lm-evaluation-harness tasks every run's student is scored on (RUN/eval/lm_eval.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(min_length=1)
+    include: str | None = None
+    """A folder of local task YAML files, relative to the experiment file's folder."""
+    limit: int | None = Field(None, ge=1)
+    """Score the first N documents of each task (default: all)."""
+
+
 class CustomGroup(BaseModel):
     """A group of your own: `--set` overrides of the base spec, applied after those of the
     built-in group `from` (e.g. `single_smollm2`) when it names one."""
@@ -82,6 +93,7 @@ class Experiment(BaseModel):
     evaluate: bool = True
     evaluate_teachers: bool = False
     eval_max_texts: int | None = Field(None, ge=2)
+    lm_eval: HarnessTasks | None = None
 
     @field_validator("name")
     @classmethod
@@ -340,6 +352,8 @@ def check_split(run: PlannedRun, reference: tuple[Path, str] | None) -> tuple[Pa
 
 def execute(p: ExperimentPlan, console: Console) -> Path:
     """Train (or resume) every planned run, evaluate, and write the report; returns report.md."""
+    from kvd.harness import DEFAULT_NAME as HARNESS_NAME
+    from kvd.harness import check_tasks, run_harness, task_manager
     from kvd.measure import EvalOptions, run_eval
 
     base_dir = p.base_path.parent
@@ -348,6 +362,11 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
         base_dir=base_dir,
         device=p.runs[0].spec.training.device,
     )
+    harness = p.experiment.lm_eval
+    include = None
+    if harness is not None:  # unknown task names stop the experiment before any training
+        include = p.path.parent / harness.include if harness.include else None
+        check_tasks(harness.tasks, task_manager(include), f"{p.path}: lm_eval.tasks:")
     reference: tuple[Path, str] | None = None
     for i, run in enumerate(p.runs, 1):
         label = f"[{i}/{len(p.runs)}] {run.group} seed {run.seed} ({run.dir})"
@@ -365,6 +384,16 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
         if p.experiment.evaluate and not (run.dir / "eval" / "validation.json").is_file():
             console.print(f"{label}: evaluating", markup=False)
             run_eval(str(run.dir), options=options)
+        if harness is not None and not (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
+            console.print(f"{label}: lm-evaluation-harness", markup=False)
+            run_harness(
+                str(run.dir),
+                harness.tasks,
+                include=include,
+                limit=harness.limit,
+                base_dir=base_dir,
+                device=options.device,
+            )
     teacher_files: list[Path] = []
     if p.experiment.evaluate_teachers:
         first = p.runs[0]

@@ -11,7 +11,7 @@ first, one family per metric and test.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,16 @@ METRICS = (
     Metric("eval_peak_mem_mb", "eval peak MB", True, 0),
 )
 BY_KEY = {m.key: m for m in METRICS}
+
+
+def metrics_of(groups: list[Group]) -> list[Metric]:
+    """METRICS, then the members' other metrics (lm-eval's `lm_eval/TASK/METRIC`, by name)."""
+    extra: dict[str, bool] = {}
+    for g in groups:
+        for m in g.members:
+            extra |= m.higher_is_better
+    added = [Metric(k, k.removeprefix("lm_eval/"), not extra[k], 4) for k in sorted(extra)]
+    return [*METRICS, *(m for m in added if m.key not in BY_KEY)]
 
 
 def values(group: Group, key: str) -> list[float]:
@@ -69,10 +79,11 @@ def _verdict(delta: float, adjusted: float | None, alpha: float, lower_is_better
 def compare_groups(groups: list[Group], *, alpha: float = 0.05) -> dict[str, Any]:
     """The comparison as JSON-ready data: groups, per-metric and paired comparisons."""
     base = groups[0]
+    metrics = metrics_of(groups)
     summary = []
     for g in groups:
         stats: dict[str, Any] = {}
-        for metric in METRICS:
+        for metric in metrics:
             vals = values(g, metric.key)
             if vals:
                 s = summarize(vals)
@@ -87,7 +98,7 @@ def compare_groups(groups: list[Group], *, alpha: float = 0.05) -> dict[str, Any
         )
     rows: list[dict[str, Any]] = []
     for g in groups[1:]:
-        for metric in METRICS:
+        for metric in metrics:
             a, b = values(base, metric.key), values(g, metric.key)
             if not a or not b:
                 continue
@@ -104,7 +115,7 @@ def compare_groups(groups: list[Group], *, alpha: float = 0.05) -> dict[str, Any
                     "p": welch(a, b),
                 }
             )
-    for metric in METRICS:
+    for metric in metrics:
         family = [r for r in rows if r["metric"] == metric.key]
         for row, adjusted in zip(family, holm([r["p"] for r in family]), strict=True):
             row["p_holm"] = adjusted
@@ -113,6 +124,7 @@ def compare_groups(groups: list[Group], *, alpha: float = 0.05) -> dict[str, Any
     return {
         "baseline": base.label,
         "alpha": alpha,
+        "metrics": [asdict(m) for m in metrics],
         "groups": summary,
         "comparisons": rows,
         "paired": paired,

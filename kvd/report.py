@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kvd.compare import BY_KEY, METRICS
+from kvd.compare import Metric
 from kvd.files import json_text, write_atomic
 from kvd.runs import Group
 
@@ -39,21 +39,26 @@ def interval(ci: list[float] | tuple[float, float] | None, digits: int) -> str:
     return "n/a" if ci is None else f"[{number(ci[0], digits)}, {number(ci[1], digits)}]"
 
 
+def metric_table(result: dict[str, Any]) -> dict[str, Metric]:
+    """The result's metrics by key, in order (kvd's own, then lm-eval's)."""
+    return {m["key"]: Metric(**m) for m in result["metrics"]}
+
+
 def shown_metrics(result: dict[str, Any]) -> list[str]:
     present = {k for g in result["groups"] for k in g["metrics"]}
-    return [m.key for m in METRICS if m.key in present]
+    return [k for k in metric_table(result) if k in present]
 
 
 def metric_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the mean ± std table."""
-    keys = shown_metrics(result)
-    header = ["group", "runs", "source"] + [BY_KEY[k].label for k in keys]
+    keys, by_key = shown_metrics(result), metric_table(result)
+    header = ["group", "runs", "source"] + [by_key[k].label for k in keys]
     rows = []
     for g in result["groups"]:
         cells = [g["label"], str(len(g["runs"])), ", ".join(g["sources"])]
         for k in keys:
             s = g["metrics"].get(k)
-            digits = BY_KEY[k].digits
+            digits = by_key[k].digits
             cells.append(
                 "n/a" if s is None else f"{number(s['mean'], digits)} ± {number(s['std'], digits)}"
             )
@@ -67,8 +72,8 @@ PER_RUN = ("bits_per_byte", "perplexity")
 
 def per_run_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of each run's value of the PER_RUN metrics, groups of 2+ runs."""
-    keys = [k for k in PER_RUN if k in shown_metrics(result)]
-    header = ["group"] + [f"{BY_KEY[k].label}, by run" for k in keys]
+    keys, by_key = [k for k in PER_RUN if k in shown_metrics(result)], metric_table(result)
+    header = ["group"] + [f"{by_key[k].label}, by run" for k in keys]
     rows = []
     for g in result["groups"]:
         if len(g["runs"]) < 2:
@@ -76,7 +81,7 @@ def per_run_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells = [g["label"]]
         for k in keys:
             vals = g["metrics"].get(k, {}).get("values", [])
-            cells.append(", ".join(number(v, BY_KEY[k].digits) for v in vals) or "n/a")
+            cells.append(", ".join(number(v, by_key[k].digits) for v in vals) or "n/a")
         rows.append(cells)
     return header, rows
 
@@ -93,12 +98,13 @@ def comparison_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         "significant",
     ]
     rows = []
+    by_key = metric_table(result)
     for r in result["comparisons"]:
-        digits = BY_KEY[r["metric"]].digits
+        digits = by_key[r["metric"]].digits
         rows.append(
             [
                 r["group"],
-                BY_KEY[r["metric"]].label,
+                by_key[r["metric"]].label,
                 f"{r['delta']:+.{digits}f}",
                 number(100 * r["relative"], 2),
                 interval(r["ci95"], digits),

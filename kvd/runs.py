@@ -4,7 +4,8 @@ A command-line argument names one group: a run dir, a folder of run dirs (e.g. t
 `kvd ab` group), a quoted glob of run dirs, or a `kvd eval` JSON file; `LABEL=ARG` names it.
 A run's metrics come from RUN/eval/NAME.json when that exists (full validation split, cloze
 accuracy, per-sequence bits per byte), else from its results.json (the validation at the end of
-training, per-sequence NLL).
+training, per-sequence NLL); RUN/eval/lm_eval.json adds lm-evaluation-harness scores
+(`lm_eval/TASK/METRIC`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import yaml
 
 from kvd.data import read_manifest
 from kvd.errors import KvdError
+from kvd.harness import DEFAULT_NAME as HARNESS_NAME
+from kvd.harness import harness_metrics
 from kvd.rundir import holds_run, read_metrics
 
 TIMING_KEYS = ("tokens_per_s", "step_s", "peak_rss_mb", "peak_mem_mb")
@@ -45,6 +48,8 @@ class Member:
     records: list[dict[str, Any]] = field(default_factory=list)
     exact: dict[str, Any] = field(default_factory=dict)
     """Everything that must match in a reproducibility check (`kvd compare --assert-equal`)."""
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    """The direction of each metric kvd.compare.METRICS does not know (lm-eval's)."""
 
 
 @dataclass
@@ -88,10 +93,24 @@ def _apply_eval(member: Member, report: dict[str, Any], path: Path) -> None:
     }
 
 
+def _apply_harness(member: Member, report: dict[str, Any], path: Path) -> None:
+    if "tasks" not in report or "higher_is_better" not in report:
+        raise KvdError(f"{path}: not a `kvd eval --lm-eval` result")
+    for key, (value, higher) in harness_metrics(report).items():
+        member.metrics[key] = value
+        member.higher_is_better[key] = higher
+    member.exact["lm_eval"] = report["tasks"]
+
+
 def load_eval(path: Path) -> Member:
-    """A `kvd eval` JSON file as a member (a teacher or any model evaluated on its own)."""
+    """A `kvd eval` JSON file (held-out text, or `--lm-eval` tasks) as a member (a teacher or
+    any model evaluated on its own)."""
     member = Member(path, path.name, {})
-    _apply_eval(member, _read_json(path), path)
+    report = _read_json(path)
+    if "tasks" in report and "metrics" not in report:
+        _apply_harness(member, report, path)
+    else:
+        _apply_eval(member, report, path)
     return member
 
 
@@ -148,6 +167,9 @@ def load_run(path: Path, eval_name: str = "validation") -> Member:
     if evaluated.is_file():
         member.source = f"eval/{eval_name}.json"
         _apply_eval(member, _read_json(evaluated), evaluated)
+    harness = path / "eval" / f"{HARNESS_NAME}.json"
+    if harness.is_file():
+        _apply_harness(member, _read_json(harness), harness)
     return member
 
 

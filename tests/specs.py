@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 LLAMA_TEACHER = {
     "model_type": "llama",
@@ -58,3 +61,35 @@ def tiny_spec(out: Path, **sections: Any) -> dict[str, Any]:
     for key, value in sections.items():
         spec[key] = copy.deepcopy(value)
     return spec
+
+
+MC_ITEMS = [
+    ("def add(a, b):\n    return a", [" + b", " * 2 +", " - c)"]),
+    ("for i in range(10):\n    print(", ["i)", "]]", "def"]),
+    ("import os\npath = os.path.", ["join(a, b)", "while True", "+++"]),
+    ("class Stack:\n    def __init__(self):\n        self.items = ", ["[]", "))", "import"]),
+    ("# Return the sum of the", [" numbers in xs.", " (((", " lambda:"]),
+    ("x = [1, 2, 3]\ny = len(", ["x)", "x]", ":"]),
+]
+
+
+def local_mc_task(folder: Path, name: str = "kvd_code_mc") -> str:
+    """A local lm-evaluation-harness multiple-choice task (code continuations, the first
+    choice true) in `folder`; returns its name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"context": c, "choices": ch, "answer": 0} for c, ch in MC_ITEMS]
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(folder / "items.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "answer",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    return name

@@ -21,7 +21,7 @@ from kvd.losses.kv import KVMSELoss
 from kvd.rundir import code_version, read_metrics
 from kvd.spec import parse_spec
 from kvd.tokenize import tokenize
-from tests.specs import tiny_spec
+from tests.specs import local_mc_task, tiny_spec
 
 SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build
 
@@ -64,7 +64,9 @@ def experiment(tmp: Path, name: str = "exp", **changes: Any) -> Path:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart experiment on tiny models, run once."""
     tmp = tmp_path_factory.mktemp("ab")
-    exp = experiment(tmp, references=["single_smollm2"], tolerance=1e-9)
+    task = local_mc_task(tmp / "tasks")
+    harness = {"tasks": [task], "include": "tasks", "limit": 4}  # from the experiment's folder
+    exp = experiment(tmp, references=["single_smollm2"], tolerance=1e-9, lm_eval=harness)
     assert main(["ab", str(exp), "--min-seeds", "2"]) == 0
     return tmp
 
@@ -90,7 +92,17 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     ] == ["ce"]
     paired = {r["group"]: r for r in result["paired"]}
     assert paired["multi"]["unit"] == "bits/byte" and paired["multi"]["texts"] == 6
+    # lm-evaluation-harness scores of every student, compared like kvd's own metrics
+    harness = json.loads((runs / "multi" / "seed1" / "eval" / "lm_eval.json").read_text())
+    assert harness["samples"] == {"kvd_code_mc": 4}
+    acc = {g["label"]: g["metrics"].get("lm_eval/kvd_code_mc/acc") for g in result["groups"]}
+    assert all(acc[g]["n"] == 2 for g in ("ce_only", "single_smollm2", "multi"))
+    assert {r["group"] for r in result["comparisons"] if r["metric"].startswith("lm_eval/")} == {
+        "single_smollm2",
+        "multi",
+    }
     text = (report / "report.md").read_text()
+    assert "kvd_code_mc/acc" in text
     assert "kvd ab: exp" in text and "`--set` overrides" in text
     # the quickstart's fusion has fixed weights: a heatmap of them would only repeat the spec
     assert "routing_" not in text and not list(report.glob("routing_*.png"))
@@ -99,6 +111,15 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     assert {r["group"] for r in against["paired"]} >= {"ce_only", "multi"}
     here = version_label(code_version())  # the code every run trained on, commit and dirty
     assert list(facts["code"]) == [here] and f"every run trained on kvd `{here}`" in text
+
+
+def test_an_unknown_lm_eval_task_stops_the_experiment_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = experiment(tmp_path, lm_eval={"tasks": ["no_such_task_anywhere"]})
+    assert main(["ab", str(exp), "--min-seeds", "2"]) == 2
+    assert "exp.yaml: lm_eval.tasks: no_such_task_anywhere" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_rerun_resumes_only_the_unfinished_run(

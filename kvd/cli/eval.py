@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
+from kvd.errors import KvdError
+from kvd.harness import run_harness
 from kvd.measure import EvalOptions, run_eval
 from kvd.report import terminal
 
@@ -51,8 +54,39 @@ def eval_command(
         "file's folder).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    lm_eval: str | None = typer.Option(
+        None,
+        "--lm-eval",
+        metavar="TASKS",
+        help="Score lm-evaluation-harness tasks (comma-separated) instead of held-out text; "
+        "--max-texts limits the documents per task. A run dir's result: RUN/eval/lm_eval.json.",
+    ),
+    lm_eval_include: Path | None = typer.Option(
+        None, "--lm-eval-include", help="A folder of local lm-eval task YAML files."
+    ),
 ) -> None:
-    """Measure a model on held-out text and save the result for `kvd compare`."""
+    """Measure a model on held-out text (or lm-eval tasks) and save the result for `kvd
+    compare`."""
+    if lm_eval is not None:
+        if data is not None:
+            raise KvdError("--data does not apply to --lm-eval (the tasks bring their data)")
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
+        if not tasks:
+            raise KvdError("--lm-eval: give at least one task name")
+        harness, dest = run_harness(
+            target,
+            tasks,
+            include=lm_eval_include,
+            limit=max_texts,
+            teacher=teacher,
+            name=name,
+            out=out,
+            batch_size=batch_size,
+            base_dir=base_dir,
+            device=device,
+        )
+        show_harness(harness, dest)
+        return
     options = EvalOptions(
         max_texts, window_bytes, cloze_choices, seed, batch_size, base_dir, device
     )
@@ -73,6 +107,19 @@ def eval_command(
         ("peak memory (MB)", f"{m['peak_mem_mb']:.0f}"),
     ):
         table.add_row(*row)
+    console = terminal()
+    console.print(table)
+    console.print(f"saved {dest}" if dest else "not saved (give --out FILE.json)", markup=False)
+
+
+def show_harness(report: dict[str, Any], dest: Path | None) -> None:
+    table = Table(title=f"{report['model']}: lm-evaluation-harness")
+    for column in ("task", "metric", "value", "documents"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for task, metrics in report["tasks"].items():
+        for metric, value in metrics.items():
+            if not metric.endswith("_stderr"):
+                table.add_row(task, metric, f"{value:.4f}", str(report["samples"].get(task, "")))
     console = terminal()
     console.print(table)
     console.print(f"saved {dest}" if dest else "not saved (give --out FILE.json)", markup=False)
