@@ -57,6 +57,22 @@ class HarnessTasks(BaseModel):
     limit: int | None = Field(None, ge=1)
     """Score the first N documents of each task (default: all)."""
 
+    def include_dir(self, experiment: Path) -> Path | None:
+        return experiment.parent / self.include if self.include else None
+
+    def score(self, run_dir: Path, p: ExperimentPlan, device: str) -> None:
+        """The harness's scores of the run's student, to RUN/eval/lm_eval.json."""
+        from kvd.harness import run_harness
+
+        run_harness(
+            str(run_dir),
+            self.tasks,
+            include=self.include_dir(p.path),
+            limit=self.limit,
+            base_dir=p.base_path.parent,
+            device=device,
+        )
+
 
 class CustomGroup(BaseModel):
     """A group of your own: `--set` overrides of the base spec, applied after those of the
@@ -196,7 +212,7 @@ def compute_budget(spec: RunSpec) -> dict[str, Any]:
         "training.max_tokens": t.max_tokens,
         "training.batch_size": t.batch_size,
         "training.grad_accum": t.grad_accum,
-        "data": spec.data.model_dump(mode="json"),
+        "data": spec.data.fingerprint(),
     }
 
 
@@ -353,7 +369,7 @@ def check_split(run: PlannedRun, reference: tuple[Path, str] | None) -> tuple[Pa
 def execute(p: ExperimentPlan, console: Console) -> Path:
     """Train (or resume) every planned run, evaluate, and write the report; returns report.md."""
     from kvd.harness import DEFAULT_NAME as HARNESS_NAME
-    from kvd.harness import check_tasks, run_harness, task_manager
+    from kvd.harness import check_tasks, task_manager
     from kvd.measure import EvalOptions, run_eval
 
     base_dir = p.base_path.parent
@@ -363,10 +379,9 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
         device=p.runs[0].spec.training.device,
     )
     harness = p.experiment.lm_eval
-    include = None
     if harness is not None:  # unknown task names stop the experiment before any training
-        include = p.path.parent / harness.include if harness.include else None
-        check_tasks(harness.tasks, task_manager(include), f"{p.path}: lm_eval.tasks:")
+        where = f"{p.path}: lm_eval.tasks:"
+        check_tasks(harness.tasks, task_manager(harness.include_dir(p.path)), where)
     reference: tuple[Path, str] | None = None
     for i, run in enumerate(p.runs, 1):
         label = f"[{i}/{len(p.runs)}] {run.group} seed {run.seed} ({run.dir})"
@@ -386,14 +401,7 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
             run_eval(str(run.dir), options=options)
         if harness is not None and not (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
             console.print(f"{label}: lm-evaluation-harness", markup=False)
-            run_harness(
-                str(run.dir),
-                harness.tasks,
-                include=include,
-                limit=harness.limit,
-                base_dir=base_dir,
-                device=options.device,
-            )
+            harness.score(run.dir, p, options.device)
     teacher_files: list[Path] = []
     if p.experiment.evaluate_teachers:
         first = p.runs[0]
@@ -462,6 +470,7 @@ def rerun(p: ExperimentPlan, which: str, console: Console) -> list[str]:
     """Train and evaluate run GROUP:SEED again in a new dir under RUNS/reruns/ and return where
     its metrics differ from the finished run's beyond the experiment's tolerance."""
     from kvd.compare import differences
+    from kvd.harness import DEFAULT_NAME as HARNESS_NAME
     from kvd.measure import EvalOptions, run_eval
     from kvd.runs import load_run
 
@@ -484,6 +493,9 @@ def rerun(p: ExperimentPlan, which: str, console: Console) -> list[str]:
             device=run.spec.training.device,
         )
         run_eval(str(target), options=options)
+    harness = p.experiment.lm_eval
+    if harness is not None and (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
+        harness.score(target, p, run.spec.training.device)
     return differences([load_run(run.dir), load_run(target)], p.experiment.tolerance)
 
 

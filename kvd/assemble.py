@@ -75,6 +75,7 @@ def assemble(
         seq_len=spec.data.seq_len,
         add_bos=student.geometry.adds_bos,
         seed=spec.seed,
+        append_eos=spec.data.append_eos,
     )
     return RunParts(student, data, teachers, curriculum, batches)
 

@@ -25,6 +25,7 @@ class StudentBatches:
         seq_len: int,
         add_bos: bool,
         seed: int,
+        append_eos: bool = False,
     ) -> None:
         self.windows = windows
         self.tokenizer = tokenizer
@@ -33,6 +34,7 @@ class StudentBatches:
         self.seq_len = seq_len
         self.add_bos = add_bos
         self.seed = seed
+        self.append_eos = append_eos
         self.stream = BatchStream(windows, batch_size * runtime.world, seed=seed)
 
     @property
@@ -47,9 +49,13 @@ class StudentBatches:
 
     def next(self) -> tuple[list[str], list[str], TokenBatch]:
         """This rank's share of the next global batch: texts, task labels, student tokens
-        (input_ids, attention_mask [B, T], B = batch_size)."""
+        (input_ids, attention_mask [B, T], B = batch_size; with `append_eos` a document's last
+        window ends with EOS)."""
         batch = next(self.stream)
         texts = batch.texts[self.rt.rank :: self.rt.world]
         tasks = batch.tasks[self.rt.rank :: self.rt.world]
-        tokens = tokenize(self.tokenizer, texts, max_length=self.seq_len, add_bos=self.add_bos)
+        ends = batch.ends[self.rt.rank :: self.rt.world] if self.append_eos else []
+        tokens = tokenize(
+            self.tokenizer, texts, max_length=self.seq_len, add_bos=self.add_bos, eos=ends
+        )
         return texts, tasks, tokens

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from kvd.checkpoint import list_checkpoints, verify
 from kvd.diff import dotted_differences
@@ -31,6 +33,10 @@ def check_same_run(run_dir: Path, spec: RunSpec) -> None:
     if not stored.exists():
         raise KvdError(f"output.dir {run_dir}: holds a run without spec.resolved.yaml")
     before = yaml.safe_load(stored.read_text(encoding="utf-8"))
+    # as today's code reads it: a key added since then gets its default, as the run had; one
+    # since renamed or removed fails validation and is compared as stored (and named)
+    with contextlib.suppress(ValidationError):
+        before = RunSpec.model_validate(before).model_dump(mode="json")
     # output.dir names where the run is, not what it computes (a run dir may be moved)
     changed = [
         k for k in dotted_differences(before, spec.model_dump(mode="json")) if k != "output.dir"

@@ -154,6 +154,18 @@ class DataRef(NamedRef):
     """Windows shorter than this many student tokens are dropped."""
     val_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of documents held out for validation, chosen by content hash (no seed)."""
+    append_eos: bool = False
+    """End each document's last training window with the student's EOS token, so the student
+    learns where text stops (generation can end); only CE reads it (no teacher aligns to it).
+    Windows then hold one text token less. Validation texts are scored without it."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What teacher targets depend on: every option; append_eos only when on (off is how
+        every teacher cache before it was built, so those caches stay valid)."""
+        data = self.model_dump(mode="json")
+        if not self.append_eos:
+            del data["append_eos"]
+        return data
 
 
 class ModelRef(ComponentRef):

@@ -139,7 +139,7 @@ class TeacherSide:
                 "hash": g.tokenizer_hash,
                 "adds_bos": g.adds_bos,
             },
-            "data": s.data.model_dump(mode="json"),
+            "data": s.data.fingerprint(),
             "split": self.data.manifest.digest,
             "alignment": s.alignment.fingerprint(),
             "seed": s.seed,

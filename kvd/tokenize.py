@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from kvd.errors import KvdError
 from kvd.types import TokenBatch
 
 
 def tokenize(
-    tokenizer: Any, texts: list[str], *, max_length: int | None = None, add_bos: bool = False
+    tokenizer: Any,
+    texts: list[str],
+    *,
+    max_length: int | None = None,
+    add_bos: bool = False,
+    eos: Sequence[bool] = (),
 ) -> TokenBatch:
     """`texts` -> a right-padded TokenBatch.
 
-    With `add_bos` the tokenizer's BOS token is put first (offsets (-1, -1): it covers no text).
-    Special tokens and padding get offsets (-1, -1); `max_length` truncates on the right.
+    With `add_bos` the tokenizer's BOS token is put first (offsets (-1, -1): it covers no text);
+    the rows flagged in `eos` end with its EOS token (the same). Special tokens and padding get
+    offsets (-1, -1); `max_length` truncates on the right, leaving room for the BOS and EOS.
     """
     bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    room = None if max_length is None else max_length - len(bos)
+    ends = list(eos) or [False] * len(texts)
+    if any(ends) and tokenizer.eos_token_id is None:
+        raise KvdError("data.append_eos: the student's tokenizer has no EOS token")
+    room = None if max_length is None else max_length - len(bos) - int(any(ends))
     enc = tokenizer(
         texts,
         add_special_tokens=False,
@@ -26,8 +37,12 @@ def tokenize(
         truncation=room is not None,
         max_length=room,
     )
-    rows = [bos + list(ids) for ids in enc["input_ids"]]
-    spans = [[(-1, -1)] * len(bos) + [tuple(s) for s in offs] for offs in enc["offset_mapping"]]
+    tail = [tokenizer.eos_token_id]
+    rows = [bos + list(ids) + tail * e for ids, e in zip(enc["input_ids"], ends, strict=True)]
+    spans = [
+        [(-1, -1)] * len(bos) + [tuple(s) for s in offs] + [(-1, -1)] * e
+        for offs, e in zip(enc["offset_mapping"], ends, strict=True)
+    ]
     width = max((len(r) for r in rows), default=0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -365,6 +367,34 @@ def test_seq_len_too_small(char_tok: Any) -> None:
         KvdError, match=r"window of 1 text token\(s\) cannot hold the text at .abc."
     ):
         pack_documents([Document("abc", "t", "d")], char_tok, seq_len=2, add_bos=True)
+
+
+@pytest.mark.parametrize("seq_len", [4, 9, 33])
+def test_append_eos_ends_each_documents_last_window_within_seq_len(
+    word_tok: Any, seq_len: int
+) -> None:
+    tok = copy.deepcopy(word_tok)
+    tok.add_special_tokens({"eos_token": "</s>"})
+    docs = _random_docs(40, seed=seq_len)
+    windows = pack_documents(
+        docs, tok, seq_len=seq_len, add_bos=True, min_tokens=1, append_eos=True
+    )
+    _check_windows(docs, windows, tok, seq_len - 1)  # one token of room kept for the EOS
+    last = {w.doc_id: w for w in windows}
+    assert [w for w in windows if w.ends_document] == list(last.values())
+    ends = [w.ends_document for w in windows]
+    batch = tokenize(tok, [w.text for w in windows], max_length=seq_len, add_bos=True, eos=ends)
+    lengths = batch.attention_mask.sum(1)
+    assert int(lengths.max()) <= seq_len
+    for b, end in enumerate(ends):
+        n = int(lengths[b])
+        assert (int(batch.input_ids[b, n - 1]) == tok.eos_token_id) == end
+        if end:  # the EOS covers no text: no teacher token aligns to it
+            assert batch.offsets[b, n - 1].tolist() == [-1, -1]
+    plain = tokenize(tok, [w.text for w in windows], max_length=seq_len, add_bos=True)
+    assert torch.equal(plain.attention_mask.sum(1), lengths - torch.tensor(ends, dtype=torch.long))
+    with pytest.raises(KvdError, match=r"data\.append_eos: the student's tokenizer has no EOS"):
+        tokenize(word_tok, ["a b"], eos=[True])
 
 
 # --- batches ---------------------------------------------------------------------------------

@@ -170,6 +170,28 @@ def test_resume_with_a_changed_spec(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "warning: resuming with changed training.log_every" in capsys.readouterr().err
 
 
+def test_a_run_from_before_a_spec_key_existed_resumes(tmp_path: Path) -> None:
+    """A run started before data.append_eos was added has no such key in its stored spec: it
+    resumes (the key's default is what it ran with), and a real change is still refused."""
+    run(tiny_spec(tmp_path / "a"))
+    killed_copy(tmp_path / "a", tmp_path / "b", 2)
+    stored = tmp_path / "b" / "spec.resolved.yaml"
+    old = yaml.safe_load(stored.read_text())
+    del old["data"]["append_eos"]
+    stored.write_text(yaml.safe_dump(old))
+    spec = tmp_path / "spec.yaml"
+    changed = tiny_spec(tmp_path / "b")
+    changed["data"]["append_eos"] = True
+    spec.write_text(yaml.safe_dump(changed))
+    assert main(["train", str(spec)]) == 2  # turning it on changes the data
+    spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "b")))
+    assert main(["train", str(spec)]) == 0
+    assert (tmp_path / "b" / "results.json").exists()
+    # and a teacher cache built before it keeps matching: its fingerprint had no such key
+    off, on = parse_spec(tiny_spec(tmp_path / "c")), parse_spec(changed)
+    assert "append_eos" not in off.data.fingerprint() and on.data.fingerprint()["append_eos"]
+
+
 def test_offline_teacher_cache_gives_the_same_losses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -426,3 +448,33 @@ def test_cache_writer_error_surfaces_and_leaves_no_manifest(
         writer.finish(4, {}, {})
     assert not (tmp_path / "cache" / tc.MANIFEST).exists()
     assert (tmp_path / "cache" / "step-00000000.safetensors").exists()
+
+
+def test_append_eos_trains_the_eos_with_ce_and_aligns_no_teacher_to_it(tmp_path: Path) -> None:
+    """data.append_eos: a document's last window ends with the student's EOS; the student
+    sees it (a real token, the last: CE predicts it), every teacher's target is masked there,
+    and a run trains to the end with it."""
+    from kvd.runtime import Runtime
+    from kvd.train import Trainer
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    lines = [{"text": f"{i}: " + " ".join(words[i % 8 :] + words[: i % 8])} for i in range(40)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data = {"name": "text_files", "paths": [str(tmp_path / "docs.jsonl")], "seq_len": 96}
+    data["val_fraction"] = 0.2
+    spec_data = tiny_spec(tmp_path / "run", data=data | {"append_eos": True})
+    spec = parse_spec(spec_data)
+    trainer = Trainer(spec, tmp_path / "run", Runtime(torch.device("cpu")), Path("."))
+    eos = trainer.student.tokenizer.eos_token_id
+    texts, _, batch = trainer.batches.next()
+    at_eos = (batch.input_ids == eos) & batch.attention_mask
+    assert at_eos.sum(1).tolist() == [1, 1]  # every window is a whole (short) document
+    assert at_eos[torch.arange(2), batch.attention_mask.sum(1) - 1].all()  # its last token
+    trainer.curriculum.set_step(0)
+    targets = trainer.teacher_side.targets(trainer.curriculum.stage, texts, batch, step=0)
+    for t in targets.values():
+        assert t.mask.any() and not t.mask[at_eos].any()
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_data))
+    assert main(["train", str(tmp_path / "spec.yaml")]) == 0
+    assert (tmp_path / "run" / "results.json").exists()

@@ -100,6 +100,7 @@ def build_data(
             seq_len=data_ref.seq_len,
             add_bos=add_bos,
             min_tokens=min_tokens,
+            append_eos=data_ref.append_eos,
         )
         if not packed:
             raise KvdError(

@@ -27,6 +27,8 @@ class TextWindow:
     text: str
     task: str
     doc_id: str
+    ends_document: bool = False
+    """The document's last window (data.append_eos puts the EOS token after it)."""
 
 
 def token_room(tokenizer: Any, seq_len: int, *, add_bos: bool) -> int:
@@ -46,17 +48,21 @@ def pack_documents(
     seq_len: int,
     add_bos: bool,
     min_tokens: int = 16,
+    append_eos: bool = False,
 ) -> list[TextWindow]:
-    """Cut every document into windows of at most `seq_len` student tokens (BOS included).
+    """Cut every document into windows of at most `seq_len` student tokens (BOS included,
+    and with `append_eos` room for an EOS token after each window).
 
     Each document is tokenised once (batched); a document that fits is one window; a longer one
     is cut at student token ends and each piece is re-tokenised alone and shrunk until it fits,
     since a piece can tokenise differently from the same span inside the whole. Windows with
     fewer than `min_tokens` tokens (a document's short tail, a short document) are dropped.
     """
-    room = token_room(tokenizer, seq_len, add_bos=add_bos)
+    room = token_room(tokenizer, seq_len, add_bos=add_bos) - int(append_eos)
     if room < 1:
-        raise KvdError(f"data.seq_len: {seq_len} leaves no room for text after the BOS token")
+        raise KvdError(
+            f"data.seq_len: {seq_len} leaves no room for text beside the BOS and EOS tokens"
+        )
     if not documents:
         return []
     enc = tokenizer(
@@ -70,7 +76,9 @@ def pack_documents(
             ends = np.maximum.accumulate(np.asarray(offsets, dtype=np.int64)[:, 1])
             spans = _cut(tokenizer, doc.text, ends, room)
         windows += [
-            TextWindow(doc.text[a:b], doc.task, doc.doc_id) for a, b, n in spans if n >= min_tokens
+            TextWindow(doc.text[a:b], doc.task, doc.doc_id, b == len(doc.text))
+            for a, b, n in spans
+            if n >= min_tokens
         ]
     return windows
 
@@ -106,11 +114,15 @@ class Batch:
     texts: list[str]
     tasks: list[str]
     doc_ids: list[str]
+    ends: list[bool]
 
     @classmethod
     def of(cls, windows: Sequence[TextWindow]) -> Batch:
         return cls(
-            [w.text for w in windows], [w.task for w in windows], [w.doc_id for w in windows]
+            [w.text for w in windows],
+            [w.task for w in windows],
+            [w.doc_id for w in windows],
+            [w.ends_document for w in windows],
         )
 
 

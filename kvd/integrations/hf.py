@@ -53,14 +53,20 @@ class StudentCollator:
     attention_mask [B, T], tokenised as `kvd train` does) and the texts and tasks the teachers
     and the router need."""
 
-    def __init__(self, tokenizer: Any, *, seq_len: int, add_bos: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, *, seq_len: int, add_bos: bool, append_eos: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.add_bos = add_bos
+        self.append_eos = append_eos
 
     def __call__(self, windows: list[TextWindow]) -> dict[str, Any]:
         texts = [w.text for w in windows]
-        batch = tokenize(self.tokenizer, texts, max_length=self.seq_len, add_bos=self.add_bos)
+        ends = [w.ends_document for w in windows] if self.append_eos else []
+        batch = tokenize(
+            self.tokenizer, texts, max_length=self.seq_len, add_bos=self.add_bos, eos=ends
+        )
         return {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
@@ -111,6 +117,7 @@ class KVDistillTrainer(Trainer):
                 parts.student.tokenizer,
                 seq_len=spec.data.seq_len,
                 add_bos=parts.student.geometry.adds_bos,
+                append_eos=spec.data.append_eos,
             ),
         )
         self._parts_sum: dict[str, float] = {}
