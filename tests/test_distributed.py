@@ -72,3 +72,41 @@ def test_two_process_run_matches_single_process(tmp_path: Path, guard: str) -> N
     assert tokens[0] == tokens[1]
     last = sorted((tmp_path / "two" / "checkpoints").glob("step-*"))[-1]
     assert yaml.safe_load((last / "state.json").read_text())["world"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank_and_the_run_resumes(
+    tmp_path: Path,
+) -> None:
+    """The preemption path of examples/slurm*.sbatch: SIGTERM to torchrun reaches every rank
+    (torchrun forwards it and waits 30 s before SIGKILL); kvd saves a checkpoint at the end of
+    the step it is in, and the same torchrun command resumes from it to the end."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    data = tiny_spec(tmp_path / "run")
+    data["training"].update(max_steps=100, checkpoint_every=1000, batch_size=2)
+    data["evaluation"] = {"every": 1000, "batches": 1}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kvd.cli", "train", str(spec)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "run" / "metrics.jsonl").exists() or len(losses(tmp_path / "run")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "a preempted run does not report success"
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert saved, err.decode()[-3000:]
+    step = int(saved[-1].name.removeprefix("step-"))
+    assert 3 <= step < 100
+    assert yaml.safe_load((saved[-1] / "state.json").read_text())["world"] == 2
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming the run in {tmp_path / 'run'} from step {step}" in done.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-1] == 100
