@@ -48,9 +48,10 @@ def build_trainer(spec_data: dict[str, Any], device: str = "cpu") -> Trainer:
 
 
 def kvd_step(trainer: Trainer) -> dict[str, Any]:
-    """One optimizer step exactly as `kvd train` runs it, with its step record serialised."""
+    """One optimizer step exactly as `kvd train` runs it, with its step record read from the
+    device and serialised (log_every 1: the default)."""
     trainer.curriculum.set_step(trainer.state.step)
-    record = trainer.train_step()
+    record = trainer.train_step().read()
     trainer.state.step += 1
     json.dumps(record)  # the metrics line the loop writes
     return record

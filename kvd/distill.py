@@ -41,12 +41,25 @@ Direction = Literal["teacher_to_student", "student_to_teacher"]
 
 @dataclass
 class StepOutput:
-    """total: the scalar to backpropagate; parts: detached floats by name for logging
-    (`loss/<name>`, `loss/<name>/<teacher>`, `loss/<name>/L<layer>`, `route/L<layer>/<teacher>`)."""
+    """total: the scalar to backpropagate; parts: detached 0-dim tensors by name for logging
+    (`loss/<name>`, `loss/<name>/<teacher>`, `loss/<name>/L<layer>`), left on the device: a
+    GPU step never waits for them; `numbers()` reads them all in one transfer."""
 
     total: Tensor
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, Tensor] = field(default_factory=dict)
     routing: dict[int, Tensor] = field(default_factory=dict)
+
+    def numbers(self) -> dict[str, float]:
+        return read_numbers(self.parts)
+
+
+def read_numbers(tensors: dict[str, Tensor]) -> dict[str, float]:
+    """0-dim tensors by name -> floats, with one device-to-host transfer."""
+    if not tensors:
+        return {}
+    names = list(tensors)
+    values = torch.stack([tensors[n].detach().float() for n in names]).tolist()
+    return dict(zip(names, values, strict=True))
 
 
 def projector_key(teacher: str, layer: int) -> str:
@@ -191,9 +204,9 @@ class DistillModel(nn.Module):
                 value = self._fused_kv(term, s_keys, s_values, targets, task, out)
             else:
                 value = self._per_teacher(term, full, s_keys, s_values, targets, out)
-            out.parts[f"loss/{term.name}"] = float(value.detach())
+            out.parts[f"loss/{term.name}"] = value.detach()
             out.total = out.total + term.weight * value
-        out.parts["loss/total"] = float(out.total.detach())
+        out.parts["loss/total"] = out.total.detach()
         return out
 
     def _rowwise_terms(
@@ -235,11 +248,12 @@ class DistillModel(nn.Module):
             row.weight = term.weight * w
         total, means = rowwise_group(logits, [row for *_, row in found_rows], rows)
         out.total = out.total + total
-        values: dict[str, float] = {}
+        values: dict[str, Tensor] = {}
         for (term, teacher, w, _), mean in zip(found_rows, means, strict=True):
             if teacher is not None:
-                out.parts[f"loss/{term.name}/{teacher}"] = float(mean)
-            values[term.name] = values.get(term.name, 0.0) + w * float(mean)
+                out.parts[f"loss/{term.name}/{teacher}"] = mean.detach()
+            part = w * mean.detach()
+            values[term.name] = part + values[term.name] if term.name in values else part
         for name, value in values.items():
             out.parts[f"loss/{name}"] = value
         return handled
@@ -269,7 +283,7 @@ class DistillModel(nn.Module):
                 value = self._raw(term.module, s_keys, s_values, t)
             else:
                 value = self._s2t(term, tid, t, s_keys, s_values, out)
-            out.parts[f"loss/{term.name}/{tid}"] = float(value.detach())
+            out.parts[f"loss/{term.name}/{tid}"] = value.detach()
             total = total + w * value
         return total
 
@@ -302,7 +316,7 @@ class DistillModel(nn.Module):
             value = kv_parts(
                 term.module, (pk, t.keys[j].float()), (pv, t.values[j].float()), t.mask
             )
-            out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(value.detach())
+            out.parts[f"loss/{term.name}/{tid}/L{j}"] = value.detach()
             values.append(value)
         return torch.stack(values).mean()
 
@@ -351,9 +365,9 @@ class DistillModel(nn.Module):
                         pair_k = (sk.detach(), tk[n].detach())
                         pair_v = (sv.detach(), tv[n].detach())
                         own = kv_parts(term.module, pair_k, pair_v, tmask[n])
-                        out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(own)
+                        out.parts[f"loss/{term.name}/{tid}/L{j}"] = own.detach()
             value = value + routed.aux_loss
-            out.parts[f"loss/{term.name}/L{j}"] = float(value.detach())
+            out.parts[f"loss/{term.name}/L{j}"] = value.detach()
             out.routing[j] = routed.weights.detach()
             values.append(value)
         return torch.stack(values).mean()
@@ -381,7 +395,7 @@ class DistillModel(nn.Module):
                 losses.append(weights.new_zeros(weights.shape[:2]))
                 continue
             loss = kv_parts(term.module, (sk, tk[n]), (sv, tv[n]), mask[n], per_position=True)
-            out.parts[f"loss/{term.name}/{tid}/L{j}"] = float(masked_mean(loss, mask[n]).detach())
+            out.parts[f"loss/{term.name}/{tid}/L{j}"] = masked_mean(loss, mask[n]).detach()
             losses.append(loss)
         per = torch.stack(losses, dim=-1)  # [B, Ts, N]
         return masked_mean((per * weights).sum(-1), fused_mask(mask))

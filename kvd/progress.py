@@ -38,6 +38,10 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task(self.label, total=total, completed=done, info="")
 
+    def shows(self, step: int) -> bool:
+        """Whether `update(step, ...)` puts the record's numbers on screen."""
+        return self.enabled and (self._bar is not None or step % self.every == 0)
+
     def update(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -7,7 +7,6 @@ curriculum, batches) -> learned parts (kvd.distill) -> optimizer -> checkpoints 
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 
 from kvd.assemble import assemble
 from kvd.data import write_manifest
-from kvd.distill import build_distill_model
+from kvd.distill import build_distill_model, read_numbers
 from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
 from kvd.export import write_student
@@ -43,6 +42,18 @@ from kvd.runtime import Preempted, PreemptionFlag, Runtime, oom_guard, setup_run
 from kvd.schedule import lr_factor
 from kvd.spec import RunSpec
 from kvd.trackers import check_trackers, open_trackers
+
+
+@dataclass
+class StepLog:
+    """One step's record: `fixed`, the numbers the host knows, and `pending`, 0-dim tensors
+    on the device (loss parts, grad norm, routing) that `read()` fetches in one transfer."""
+
+    fixed: dict[str, Any]
+    pending: dict[str, torch.Tensor]
+
+    def read(self) -> dict[str, Any]:
+        return {**self.fixed, **read_numbers(self.pending)}
 
 
 @dataclass
@@ -120,8 +131,10 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------------
 
-    def train_step(self) -> dict[str, Any]:
-        """Gradient accumulation over micro-batches, NaN guard, clipping, update."""
+    def train_step(self) -> StepLog:
+        """Gradient accumulation over micro-batches, NaN guard, clipping, update. The loss
+        parts, grad norm and routing stay on the device (StepLog.read() fetches them); the
+        step waits for the device only for the NaN guard and the weight check."""
         tr = self.spec.training
         state = self.state
         factor = lr_factor(
@@ -130,7 +143,7 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
         started = time.perf_counter()
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         routing: dict[int, torch.Tensor] = {}
         tokens = 0
         for micro in range(tr.grad_accum):
@@ -157,20 +170,25 @@ class Trainer:
                 # losses formed their gradients in forward): free aligned logits first
                 del targets
                 (out.total / tr.grad_accum).backward()
-            tokens += int(s_batch.attention_mask.sum())
+            tokens += int(s_batch.attention_mask.sum())  # a host tensor: no device sync
             for key, value in out.parts.items():
-                parts[key] = parts.get(key, 0.0) + value / tr.grad_accum
+                share = value / tr.grad_accum
+                parts[key] = parts[key] + share if key in parts else share
             routing = out.routing
-        if self.rt.world > 1:  # log the mean over ranks and all ranks' tokens
-            names = sorted(parts)
-            summed = torch.tensor([*(parts[n] for n in names), tokens], device=self.rt.device)
-            dist.all_reduce(summed)
-            *means, total = summed.tolist()
-            parts = {n: m / self.rt.world for n, m in zip(names, means, strict=True)}
-            tokens = int(total)
         grad_norm = self._clip()
-        finite = math.isfinite(parts["loss/total"]) and math.isfinite(grad_norm)
-        finite = self._all_ranks(finite)
+        ok = torch.isfinite(parts["loss/total"]) & torch.isfinite(grad_norm)
+        if self.rt.world > 1:  # the mean over ranks, all ranks' tokens, finite on every rank
+            names = sorted(parts)
+            summed = torch.stack([*(parts[n] for n in names), torch.tensor(float(tokens))])
+            summed = summed.to(self.rt.device)
+            dist.all_reduce(summed)
+            parts = {n: m / self.rt.world for n, m in zip(names, summed[:-1], strict=True)}
+            ok = ok.float()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            finite, total = torch.stack([ok, summed[-1]]).tolist()  # one device sync
+            finite, tokens = bool(finite), int(total)
+        else:
+            finite = bool(ok)  # the step's one device sync before the update
         if finite:
             self.optimizer.step()
             self._check_weights()
@@ -180,24 +198,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         state.tokens += tokens
         elapsed = time.perf_counter() - started
-        record: dict[str, Any] = {
+        fixed: dict[str, Any] = {
             "step": state.step + 1,
             "tokens": state.tokens,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "step_s": elapsed,
             "skipped": not finite,
-            **parts,
         }
-        record.update(self._routing_record(routing, tasks))
         if self.rt.device.type == "cuda":
-            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
+            fixed["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
         else:
             import resource
 
-            record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return record
+            fixed["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pending = {"grad_norm": grad_norm, **parts, **self._routing_record(routing, tasks)}
+        return StepLog(fixed, pending)
 
     def _check_weights(self) -> None:
         """A finite loss and gradient can still give an update that overflows a weight (an
@@ -219,13 +235,13 @@ class Trainer:
             hint="lower training.lr (or training.projector_lr), then resume with the same command",
         )
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
+        """The gradients' global norm (before clipping), a 0-dim tensor on the device."""
         clip = self.spec.training.clip_grad_norm
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        return float(norm)
+            return torch.zeros((), device=self.rt.device)
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` holds on any of them."""
@@ -235,33 +251,25 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _all_ranks(self, flag: bool) -> bool:
-        """Every rank agrees: True only if `flag` holds on all of them."""
-        if self.rt.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item() > 0)
-
     def _routing_record(
         self, routing: dict[int, torch.Tensor], tasks: list[str]
-    ) -> dict[str, float]:
-        """Mean routing weight per layer and teacher, and per task and teacher."""
-        out: dict[str, float] = {}
+    ) -> dict[str, torch.Tensor]:
+        """Mean routing weight per layer and teacher, and per task and teacher (0-dim tensors)."""
+        out: dict[str, torch.Tensor] = {}
         ids = [t.id for t in self.spec.teachers]
         per_task: dict[str, list[torch.Tensor]] = {}
         for layer, w in routing.items():  # w: [B, T, N]
             valid = w.sum(-1) > 0  # [B, T]
             mean = (w * valid[..., None]).sum((0, 1)) / valid.sum().clamp_min(1)
             for n, tid in enumerate(ids):
-                out[f"route/L{layer}/{tid}"] = float(mean[n])
+                out[f"route/L{layer}/{tid}"] = mean[n]
             for b, task in enumerate(tasks):
                 row = (w[b] * valid[b, :, None]).sum(0) / valid[b].sum().clamp_min(1)
                 per_task.setdefault(task, []).append(row)
         for task, rows in per_task.items():
             mean = torch.stack(rows).mean(0)
             for n, tid in enumerate(ids):
-                out[f"route/task/{task}/{tid}"] = float(mean[n])
+                out[f"route/task/{task}/{tid}"] = mean[n]
         return out
 
     # -- validation, checkpoints, outputs ------------------------------------------------------
@@ -334,10 +342,14 @@ class Trainer:
                 break
             if self.curriculum.set_step(state.step) and log:
                 log.write({"step": state.step, "event": "stage", "stage": self.curriculum.index})
-            record = self.train_step()
+            step_log = self.train_step()
             state.step += 1
             val = None
-            if state.step % ev.every == 0 or state.step == max_steps:
+            evaluate = state.step % ev.every == 0 or state.step == max_steps
+            logging = log is not None and (state.step % tr.log_every == 0 or evaluate)
+            # the losses leave the device only when they are logged or shown
+            record = step_log.read() if logging or progress.shows(state.step) else step_log.fixed
+            if evaluate:
                 metrics = self.validate()
                 state.validated = (state.step, metrics)
                 val = metrics.bits_per_byte
@@ -348,7 +360,7 @@ class Trainer:
                         "val/accuracy": metrics.accuracy,
                     }
                 )
-            if log and (state.step % tr.log_every == 0 or val is not None):
+            if log and logging:
                 log.write(record)
             progress.update(state.step, record)
             if state.nonfinite >= tr.max_nonfinite:

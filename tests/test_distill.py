@@ -127,7 +127,7 @@ def test_identical_teacher_gives_zero_loss(token_aligner: str, rope: str, layers
     )
     out = step(model, student, runtimes, rope_aligner, token_aligner)
     for name, _ in losses:
-        assert out.parts[f"loss/{name}"] == pytest.approx(0.0, abs=1e-6), name
+        assert out.numbers()[f"loss/{name}"] == pytest.approx(0.0, abs=1e-6), name
 
 
 def test_heterogeneous_teachers_shapes_and_gradients() -> None:
@@ -200,7 +200,7 @@ def test_lm_head_on_real_tokens_only_changes_nothing() -> None:
         out = model(batch.input_ids, batch.attention_mask, targets, torch.tensor([0, 1]))
         out.total.backward()
         grads = [p.grad.clone() for p in student.model.parameters() if p.grad is not None]
-        results.append((out.parts, grads))
+        results.append((out.numbers(), grads))
     (parts, grads), (parts_all, grads_all) = results
     assert parts.keys() == parts_all.keys() and "loss/logit_kd" in parts
     for key, value in parts.items():
@@ -245,7 +245,7 @@ def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
                     p.mul_(scale)
                 if name.startswith("llama") and drop_llama:
                     p.zero_()
-        return step(model, student, runtimes, rope).parts
+        return step(model, student, runtimes, rope).numbers()
 
     small, large = run("losses", 1.0), run("losses", 300.0)
     for j in (0, 1):
@@ -272,9 +272,9 @@ def test_a_kv_loss_reads_only_the_teachers_it_names(combine: str) -> None:
     torch.manual_seed(0)
     model, runtimes, rope = build(student, teachers, fusion_options={"combine": combine})
     model.loss_terms[0].teachers = ["llama"]
-    named = step(model, student, runtimes, rope).parts
-    alone = step(model, student, {"llama": runtimes["llama"]}, rope).parts
+    named = step(model, student, runtimes, rope).numbers()
+    alone = step(model, student, {"llama": runtimes["llama"]}, rope).numbers()
     assert named["loss/kv_mse"] == pytest.approx(alone["loss/kv_mse"], rel=1e-6)
     assert "loss/kv_mse/llama/L0" in named and not any("/qwen/" in k for k in named)
     everyone = build(student, teachers, fusion_options={"combine": combine})
-    assert step(everyone[0], student, runtimes, rope).parts["loss/kv_mse/qwen/L0"] > 0
+    assert step(everyone[0], student, runtimes, rope).numbers()["loss/kv_mse/qwen/L0"] > 0

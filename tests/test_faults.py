@@ -188,7 +188,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_good_checkpoint(
         calls["n"] += 1
         if calls["n"] in (2, 4, 5, 6):  # one bad step, a good one, then three in a row
             out.total = out.total * float("nan")
-            out.parts["loss/total"] = float("nan")
+            out.parts["loss/total"] = torch.tensor(float("nan"))
         return out
 
     monkeypatch.setattr(DistillModel, "forward", poisoned)

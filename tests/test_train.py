@@ -478,3 +478,47 @@ def test_append_eos_trains_the_eos_with_ce_and_aligns_no_teacher_to_it(tmp_path:
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_data))
     assert main(["train", str(tmp_path / "spec.yaml")]) == 0
     assert (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_step_reads_the_device_only_at_its_guards_whatever_it_logs(tmp_path: Path) -> None:
+    """Loss parts per loss, teacher and layer, the grad norm and routing stay on the device
+    (a GPU step would wait for each scalar read): the distillation model reads none, the loop
+    reads its two guards (finite loss and gradients before the update, finite weights after
+    it) and counts tokens on a host tensor, and the record's numbers come over in one transfer
+    when they are logged. Counted as aten._local_scalar_dense calls (every .item(), float(),
+    bool() of a tensor) by the function that made them."""
+    import traceback
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvd.runtime import Runtime
+    from kvd.train import Trainer
+
+    losses = [{"name": "ce", "weight": 0.5}, {"name": "uld", "weight": 0.5}, {"name": "kv_mse"}]
+    spec = parse_spec(tiny_spec(tmp_path / "run", losses=losses, fusion={"name": "learnable"}))
+    trainer = Trainer(spec, tmp_path / "run", Runtime(torch.device("cpu")), Path("."))
+    reads: Counter[str] = Counter()
+    machinery = ("_python_dispatch", "_dynamo", "_compile.py", "eval_frame.py")
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten._local_scalar_dense.default:
+                frames = traceback.extract_stack()[:-1]
+                caller = next(
+                    f for f in reversed(frames) if not any(m in f.filename for m in machinery)
+                )
+                reads[f"{Path(caller.filename).name}:{caller.name}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    trainer.curriculum.set_step(0)
+    with CountReads():
+        step = trainer.train_step()
+    parts = [k for k in step.pending if k.startswith("loss/")]
+    assert len(parts) > 10 and any(k.startswith("route/") for k in step.pending)
+    ours = {k: n for k, n in reads.items() if k.startswith(("distill.py", "train.py"))}
+    assert ours == {"train.py:train_step": 2, "train.py:_check_weights": 1}, reads
+    reads.clear()
+    with CountReads():
+        record = step.read()
+    assert not reads and all(isinstance(record[k], float) for k in parts)

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainingArguments
 
 from kvd.assemble import assemble
 from kvd.data.packing import TextWindow
-from kvd.distill import DistillModel, StepOutput, build_distill_model
+from kvd.distill import DistillModel, StepOutput, build_distill_model, read_numbers
 from kvd.export import write_student
 from kvd.runtime import Runtime
 from kvd.spec import RunSpec
@@ -120,7 +120,7 @@ class KVDistillTrainer(Trainer):
                 append_eos=spec.data.append_eos,
             ),
         )
-        self._parts_sum: dict[str, float] = {}
+        self._parts_sum: dict[str, torch.Tensor] = {}
         self._parts_count = 0
         self._tokens = 0  # this rank's real student tokens, for the model card
         super().__init__(model=model, args=args, **kwargs)
@@ -147,16 +147,17 @@ class KVDistillTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, StepOutput]:
         """The weighted total of the spec's losses (a batch mean, as in `kvd train`)."""
         out = self.distill_step(model, inputs)
-        for key, value in out.parts.items():
-            self._parts_sum[key] = self._parts_sum.get(key, 0.0) + value
+        for key, value in out.parts.items():  # summed on the device, read when logged
+            self._parts_sum[key] = self._parts_sum[key] + value if key in self._parts_sum else value
         self._parts_count += 1
-        self._tokens += int(inputs["attention_mask"].sum())
+        self._tokens += int(inputs["student_batch"].attention_mask.sum())  # a host tensor
         return (out.total, out) if return_outputs else out.total
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._parts_count:
             n = self._parts_count
-            logs = {**logs, **{k: v / n for k, v in self._parts_sum.items() if k != "loss/total"}}
+            parts = read_numbers(self._parts_sum)
+            logs = {**logs, **{k: v / n for k, v in parts.items() if k != "loss/total"}}
             self._parts_sum, self._parts_count = {}, 0
         super().log(logs, start_time)
 
