@@ -428,5 +428,7 @@ def test_a_run_measures_the_same_memory_alone_and_inside_a_grid(tmp_path: Path) 
 
     in_grid, by_itself = peak(run.dir), peak(alone)
     big_peak = peak(tmp_path / "runs" / "big" / "seed0")
-    assert big_peak > 1.5 * by_itself  # the group before it needs much more memory
-    assert in_grid == pytest.approx(by_itself, rel=0.15)
+    assert big_peak > 1.5 * in_grid  # the group before it needs much more memory
+    # and leaves none of it behind. One-sided: on a loaded machine a run's peak RSS has come
+    # out up to 1.5x higher by itself than in the grid (993 vs 642 MB), never the reverse
+    assert in_grid <= 1.15 * by_itself
