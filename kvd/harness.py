@@ -17,8 +17,14 @@ from typing import Any
 import torch
 
 from kvd.errors import KvdError
-from kvd.measure import Subject, open_subject, write_report
-from kvd.names import name_problem
+from kvd.measure import (
+    Subject,
+    check_result_name,
+    eval_device,
+    open_subject,
+    result_path,
+    write_report,
+)
 
 FORMAT = 1
 """Version of the lm_eval.json layout."""
@@ -134,22 +140,17 @@ def run_harness(
     """Score `target` with the harness and save the result: to `out`, else RUN/eval/NAME.json
     for a run dir (NAME: lm_eval, `teacher-ID-` in front for a teacher); returns it and where
     it went. Task names are checked before any model loads."""
-    from kvd.eval_texts import is_run_dir
-
-    if name is not None and (problem := name_problem(name)) is not None:
-        raise KvdError(f"--name {name!r} {problem}", hint="give a plain name, e.g. --name mc")
+    check_result_name(name)
     manager = task_manager(include)
     check_tasks(tasks, manager)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(auto if device == "auto" else device)
+    dev = eval_device(device)
     subject = open_subject(target, teacher=teacher, base_dir=base_dir, device=dev)
     report = evaluate_harness(
         subject, tasks, manager, limit=limit, batch_size=batch_size, device=dev
     )
     report |= {"target": target, "teacher": teacher}
     label = name or (f"teacher-{teacher}-{DEFAULT_NAME}" if teacher else DEFAULT_NAME)
-    path = Path(target)
-    dest = out or (path / "eval" / f"{label}.json" if is_run_dir(path) else None)
+    dest = result_path(target, label, out)
     if dest is not None:
         write_report(report, dest)
     return report, dest

@@ -195,6 +195,24 @@ class EvalOptions:
     device: str = "auto"
 
 
+def check_result_name(name: str | None) -> None:
+    """`--name` becomes a file name in RUN/eval/: a plain name only."""
+    if name is not None and (problem := name_problem(name)) is not None:
+        raise KvdError(f"--name {name!r} {problem}", hint="give a plain name, e.g. --name heldout")
+
+
+def eval_device(device: str) -> torch.device:
+    """`auto` (CUDA when there is one, else CPU) or a torch device string."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(auto if device == "auto" else device)
+
+
+def result_path(target: str, label: str, out: Path | None) -> Path | None:
+    """Where a result goes: `out`, else RUN/eval/LABEL.json for a run dir, else nowhere."""
+    path = Path(target)
+    return out or (path / "eval" / f"{label}.json" if is_run_dir(path) else None)
+
+
 def run_eval(
     target: str,
     *,
@@ -206,10 +224,8 @@ def run_eval(
 ) -> tuple[dict[str, Any], Path | None]:
     """Evaluate `target` and save the report: to `out`, else RUN/eval/NAME.json for a run dir
     (NAME from the data, `teacher-ID-` in front for a teacher); returns it and where it went."""
-    if name is not None and (problem := name_problem(name)) is not None:
-        raise KvdError(f"--name {name!r} {problem}", hint="give a plain name, e.g. --name heldout")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if options.device == "auto" else options.device)
+    check_result_name(name)
+    device = eval_device(options.device)
     path = Path(target)
     if not is_run_dir(path) and path.suffix not in (".yaml", ".yml"):
         from kvd.sources.resolve import resolve_model
@@ -233,7 +249,7 @@ def run_eval(
     )
     report |= {"target": target, "teacher": teacher}
     label = name or (f"teacher-{teacher}-{texts.name}" if teacher else texts.name)
-    dest = out or (path / "eval" / f"{label}.json" if is_run_dir(path) else None)
+    dest = result_path(target, label, out)
     if dest is not None:
         write_report(report, dest)
     return report, dest
