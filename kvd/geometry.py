@@ -14,7 +14,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +80,9 @@ class ModelGeometry:
     adds_bos: bool = True
     tie_embeddings: bool = False
     tokenizer_hash: str | None = None
+    hf_config: Any = field(default=None, compare=False, repr=False)
+    """The transformers config the geometry was read from (None when built by hand); the
+    memory plan instantiates it on the meta device to count parameters."""
 
     @property
     def kv_layout(self) -> KVLayout:
@@ -97,6 +100,12 @@ class ModelGeometry:
     def gqa_ratio(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    def facts(self) -> dict[str, Any]:
+        """Every field as JSON-ready values, without `hf_config`."""
+        data = asdict(replace(self, hf_config=None))
+        del data["hf_config"]
+        return data
 
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Bytes of K and V of all layers for one token (bf16 = 2 bytes per value)."""
@@ -194,6 +203,7 @@ def geometry_from_config(
         adds_bos=tokenizer.adds_bos,
         tie_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
         tokenizer_hash=tokenizer.sha256,
+        hf_config=config,
     )
 
 

@@ -176,7 +176,7 @@ def _model_dict(entry: ModelEntry) -> dict[str, Any]:
         "kv_layout": g.kv_layout,
         "gqa_ratio": g.gqa_ratio,
         "kv_bytes_per_token": g.kv_bytes_per_token(BF16),
-        **dataclasses.asdict(g),
+        **g.facts(),
     }
 
 

