@@ -102,7 +102,7 @@ class _Rowwise(torch.autograd.Function):
         direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
         sums = [flat.new_zeros((), dtype=torch.float32) for _ in terms]
         step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
-        for rows, source in _chunks(torch.stack(valids).any(0), index, step, grad):
+        for rows, source in row_chunks(torch.stack(valids).any(0), index, step, grad):
             x = flat[rows].float()
             acc = grad[rows] if direct else torch.empty_like(x)
             for i, tau in enumerate(taus):
@@ -136,7 +136,7 @@ class _Rowwise(torch.autograd.Function):
         return grad.mul_(out.to(grad.dtype)).view(ctx.shape), None, None
 
 
-def _chunks(
+def row_chunks(
     counted: Tensor, index: Tensor | None, step: int, grad: Tensor
 ) -> list[tuple[slice, slice]]:
     """(logits rows, target rows) slices of at most `step` rows covering the runs of rows some
