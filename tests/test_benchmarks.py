@@ -52,6 +52,7 @@ def number(cell: str) -> float:
         ("flops", "flops", [5]),
         ("scaling", "scaling", [8]),
         ("memory_plan", "memory_plan", [3, 4, 6, 7]),
+        ("gpu_smoke", "gpu_smoke", [3, 5, 6, 7]),
     ],
 )
 def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:
