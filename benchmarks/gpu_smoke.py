@@ -111,7 +111,7 @@ def plan_step_mb(data: dict[str, Any]) -> float:
 
     spec = parse_spec(data, base_dir=ROOT)
     plan = spec_plan(spec_sources(spec, "setup"), Choices.from_spec(spec))
-    ddp = memory_plans(spec, plan, ranks=1, budget=None, gpus=False)[0]
+    ddp = memory_plans(spec, plan, ranks=1, budget=None, cuda_runtime=False)[0]
     weights = sum(i.bytes for i in ddp.items if i.name in WEIGHT_LINES)
     return (ddp.total - weights) / MiB
 

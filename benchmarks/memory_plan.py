@@ -96,7 +96,7 @@ def child(setup: str, steps: int, device: str, out: Path) -> None:
     spec = parse_spec(data, base_dir=ROOT)
     plan = spec_plan(spec_sources(spec, setup), Choices.from_spec(spec))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ddp = memory_plans(spec, plan, ranks=world, budget=None, gpus=False)[0]
+    ddp = memory_plans(spec, plan, ranks=world, budget=None, cuda_runtime=False)[0]
     trainer = build_trainer(data, "cpu" if device == "cpu" else "auto")
     step = step_peak_mb(trainer, steps)
     items = {i.name: i.bytes / MiB for i in ddp.items}

@@ -7,6 +7,9 @@
   depth and RoPE base (bf16, like the quickstart's teachers), into a float32 Llama student with
   SmolLM2's tokenizer; tiny3 is its 3-teacher form.
 - smoke: the same shapes shrunk so every script runs in seconds (CI).
+- three_real: configs/three_teachers.yaml with all three real teachers at once (SmolLM2,
+  Gemma-3's 262k and Qwen2.5-Coder's 151,936-token vocabularies), logit KD from SmolLM2 and
+  ULD from the other two: the cross-vocabulary run whose memory #17 measured.
 """
 
 from __future__ import annotations
@@ -117,6 +120,19 @@ def quickstart_kv() -> dict[str, Any]:
     return data
 
 
+def three_real() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "three_teachers.yaml").read_text())
+    data["training"] = {"max_steps": 1000, "batch_size": 8}
+    data["fusion"] = {"name": "mean"}
+    data["losses"] = [
+        {"name": "ce", "weight": 0.5},
+        {"name": "logit_kd", "weight": 0.5, "teachers": ["smollm2"]},
+        {"name": "uld", "weight": 0.5, "teachers": ["gemma3", "qwen25"]},
+        {"name": "kv_mse", "weight": 0.1, "guard": "centred"},
+    ]
+    return data
+
+
 def smoke(n: int = 3) -> dict[str, Any]:
     return teachers(n, seq_len=32, batch_size=2, student_hidden=64, scale=0.25)
 
@@ -126,4 +142,5 @@ SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
     "quickstart_kv": quickstart_kv,
     "tiny3": teachers,
     "smoke": smoke,
+    "three_real": three_real,
 }

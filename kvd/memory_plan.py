@@ -143,10 +143,10 @@ def model_size(geometry: ModelGeometry) -> ModelSize:
 
 
 def memory_plans(
-    spec: RunSpec, plan: Plan, *, ranks: int, budget: int | None, gpus: bool = True
+    spec: RunSpec, plan: Plan, *, ranks: int, budget: int | None, cuda_runtime: bool = True
 ) -> list[MemoryPlan]:
     """The ddp and fsdp memory plans of `spec` (whose check-shapes plan is `plan`) per rank.
-    gpus: add the CUDA runtime line (False: tensors only, as on CPU)."""
+    cuda_runtime: add the CUDA context and allocator slack line (False: tensors only)."""
     if ranks < 1:
         raise KvdError(f"--gpus must be at least 1, got {ranks}")
     teachers = {m.id: m.geometry for m in plan.models if m.role == "teacher"}
@@ -166,7 +166,7 @@ def memory_plans(
             *shared,
             *_learned_items(parallel, learned, s_size.layer_params, ranks),
         ]
-        if gpus:
+        if cuda_runtime:
             slack = CUDA_CONTEXT + int(ALLOCATOR_SLACK * MemoryPlan(parallel, ranks, items).total)
             items.append(MemoryItem(RUNTIME, slack, "context 1 GiB + 10% allocator slack"))
         plans.append(MemoryPlan(parallel, ranks, items, budget))
@@ -193,7 +193,7 @@ def _teacher_items(
         note = "whole on every rank, spec dtype"
     else:
         weights = sum(math.ceil(sizes[t].params / shards) * dtype[t] for t in sizes)
-        weights += max(sizes[t].layer_params * dtype[t] for t in sizes)
+        weights += max((sizes[t].layer_params * dtype[t] for t in sizes), default=0)
         note = f"1/{shards} each + one layer gathered"
     reads_logits = set(logit_teachers(spec))
     forward = 0

