@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,18 @@ class RunParts:
     batches: StudentBatches
 
 
+def checkpoint_activations(model: Any) -> None:
+    """Recompute each decoder layer's activations in backward, non-reentrant: K/V captured in
+    the first forward keep their graph (kvd.capture). transformers >= 5.2x names it
+    activation_checkpointing_enable (gradient_checkpointing_enable, deprecated there, is the
+    only name before)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def assemble(
     spec: RunSpec, runtime: Runtime, base_dir: Path, *, use_cache: bool = True
 ) -> RunParts:
@@ -47,10 +60,7 @@ def assemble(
     check_lengths(spec, {"student": student.geometry} | geometries)
     student.model.train()
     if spec.training.activation_checkpointing:
-        # non-reentrant: K/V captured in the first forward keep their graph (kvd.capture)
-        student.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        checkpoint_activations(student.model)
     # data, split by content hash; windows cut in student tokens
     data = build_data(
         spec.data,

@@ -76,14 +76,22 @@ def oom_guard(what: str, batch: TokenBatch, device: torch.device, step: int) -> 
         ) from None
 
 
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """`auto`: this process's GPU (cuda:LOCAL_RANK) if there is one, else the CPU; `cuda`
+    without an index: cuda:LOCAL_RANK (torch.cuda.set_device needs the index)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
 def setup_runtime(device: str) -> Runtime:
     """Device and process group: under torchrun (WORLD_SIZE > 1) NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -12,6 +12,7 @@ import torch
 import transformers as tf
 
 from kvd.align.rope import Unrotate
+from kvd.assemble import checkpoint_activations
 from kvd.capture import Capture, capture_kv, unpack_rows
 from kvd.rotary import layer_tables, position_ids, rotate
 
@@ -230,7 +231,7 @@ def student_grads(arch: str, checkpointing: bool) -> tuple[Capture, dict[str, to
     model.load_state_dict(tiny(arch).state_dict())
     model.train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        checkpoint_activations(model)
     calls = []
     model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
     ids, mask = batch()
