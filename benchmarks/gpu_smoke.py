@@ -145,10 +145,10 @@ def check(name: str, device: str, precision: str, steps: int) -> dict[str, Any]:
 def main() -> None:
     with_kvd_allocator("benchmarks.gpu_smoke")
     args = arguments(__doc__ or "", repeats=3)
-    setup = "smoke" if args.smoke else "quickstart"
+    setups = args.setups or ["smoke" if args.smoke else "quickstart"]
     precisions = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     rows, notes = [], []
-    for precision in precisions:
+    for setup, precision in ((s, p) for s in setups for p in precisions):
         r = check(setup, args.device, precision, args.repeats)
         reads = ", ".join(f"{k} {n:.3g}" for k, n in sorted(r["reads"].items())) or "none"
         syncs = ", ".join(f"{k} {n:.3g}" for k, n in sorted(r["syncs"].items()))
@@ -164,11 +164,12 @@ def main() -> None:
                 r["plan_mb"],
             ]
         )
-        notes.append(f"- {precision}: scalar reads per step by caller: {reads}")
+        notes.append(f"- {setup}, {precision}: scalar reads per step by caller: {reads}")
         if syncs:
-            notes.append(f"- {precision}: CUDA syncs per step by place: {syncs}")
+            notes.append(f"- {setup}, {precision}: CUDA syncs per step by place: {syncs}")
     body = (
-        f"`kvd` steps on {args.device} ({setup}, 1 warm-up + {args.repeats} steps). Reads: "
+        f"`kvd` steps on {args.device} ({', '.join(setups)}; 1 warm-up + {args.repeats} steps). "
+        "Reads: "
         "host reads of device scalars per step (aten._local_scalar_dense); CUDA syncs: what "
         "torch.cuda.set_sync_debug_mode reports per step (CUDA only). Peak: tensor MiB one "
         "step adds to the built run, against the memory plan's.\n\n"

@@ -1,16 +1,21 @@
-"""What every benchmark shares: the kvd step and its bare baseline on the same models and batches,
+"""What every benchmark shares: the kvd step and its bare baselines on the same models and batches,
 interleaved timing, peak memory in a fresh process, and the RESULTS.md writer.
 
-The bare baseline is what the work costs without kvd: each teacher's plain transformers forward
-on batches tokenised beforehand (no_grad, full logits only for teachers whose logits kvd reads),
-and the student's plain forward with labels, backward and AdamW update. Tokenisation, alignment,
-projection, fusion, the distillation losses and the step record are kvd's overhead.
+A bare baseline is what the work costs without kvd: each teacher's plain transformers forward on
+batches tokenised beforehand (no_grad, full logits only for teachers whose logits kvd reads), and
+a student step. The efficient bare (the headline baseline) takes kvd's own CE-only student step:
+a CE-only Trainer on the same spec (LM head on real tokens only, kvd's chunked CE kernel, the same
+clipping, optimizer, schedule and step record). The plain HF bare drives a copy of the student
+with transformers' forward with labels (head and loss on every position, padding included),
+backward and AdamW. What the kvd step costs beyond the efficient bare is distillation itself:
+tokenising for the teachers, alignment, projection, fusion and the distillation losses.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -65,12 +70,23 @@ class BareBatch:
     student: TokenBatch
 
 
-class Bare:
-    """The baseline: the trainer's teachers and a copy of its student, driven by plain
-    transformers calls on the batches the trainer sees, in the same order."""
+def ce_only(spec_data: dict[str, Any]) -> dict[str, Any]:
+    """`spec_data` with CE as its only loss: a Trainer of it runs no teacher and is the
+    efficient bare's student step."""
+    data = copy.deepcopy(spec_data)
+    data["losses"] = [{"name": "ce", "weight": 1.0}]
+    return data
 
-    def __init__(self, trainer: Trainer) -> None:
+
+class Bare:
+    """A baseline on the trainer's teachers and the batches the trainer sees, in the same order:
+    plain transformers teacher forwards, then the student step of `ce` (a Trainer of
+    `ce_only(spec)`: the efficient bare) or, without `ce`, of a copy of the trainer's student
+    driven by plain transformers calls (the HF bare)."""
+
+    def __init__(self, trainer: Trainer, ce: Trainer | None = None) -> None:
         self.trainer = trainer
+        self.ce = ce
         readers = trainer.curriculum.stage.logit_readers
         wants_all = trainer.curriculum.stage.fusion.needs_teacher_ce
         self.teachers = [
@@ -78,12 +94,13 @@ class Bare:
             for t in trainer.teacher_side.teachers
             if t.loaded is not None
         ]
-        self.student = copy.deepcopy(trainer.student.model)
-        self.student.train()
         tr = trainer.spec.training
-        self.optimizer = torch.optim.AdamW(
-            self.student.parameters(), lr=tr.lr, weight_decay=tr.weight_decay
-        )
+        if ce is None:
+            self.student = copy.deepcopy(trainer.student.model)
+            self.student.train()
+            self.optimizer = torch.optim.AdamW(
+                self.student.parameters(), lr=tr.lr, weight_decay=tr.weight_decay
+            )
         self.stream = BatchStream(trainer.data.train, tr.batch_size, seed=trainer.spec.seed)
         self.device = trainer.rt.device
         self.bf16 = tr.precision == "bf16"
@@ -125,18 +142,25 @@ class Bare:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self, batches: list[BareBatch]) -> dict[str, float]:
-        """One bare step on pre-tokenised batches; seconds of the teacher and student parts."""
+        """One bare step on pre-tokenised batches; seconds of the teacher and student parts and
+        the student tokens (the efficient bare: as its step record counts them)."""
         t0 = time.perf_counter()
         for b in batches:
             self.teacher_forwards(b)
         sync(self.device)
         t1 = time.perf_counter()
-        for b in batches:
-            self.student_forward_backward(b)
-        self.update()
+        tokens = sum(int(b.student.attention_mask.sum()) for b in batches)
+        if self.ce is not None:
+            before = self.ce.state.tokens
+            kvd_step(self.ce)
+            tokens = self.ce.state.tokens - before
+        else:
+            for b in batches:
+                self.student_forward_backward(b)
+            self.update()
         sync(self.device)
         t2 = time.perf_counter()
-        return {"teachers_s": t1 - t0, "student_s": t2 - t1, "step_s": t2 - t0}
+        return {"teachers_s": t1 - t0, "student_s": t2 - t1, "step_s": t2 - t0, "tokens": tokens}
 
 
 def sync(device: torch.device) -> None:
@@ -153,101 +177,196 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 @dataclass
-class Overhead:
-    """Medians over repeats of the interleaved kvd and bare steps (seconds)."""
+class Samples:
+    """The counted steps of one side: seconds and student tokens per step."""
 
-    kvd_s: float
-    bare_s: float
-    teachers_s: float
-    student_s: float
-    tokens: int  # student tokens per step
+    seconds: list[float]
+    tokens: list[int]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.seconds)
+
+    @property
+    def p90(self) -> float:
+        """The 90th percentile (nearest rank)."""
+        ordered = sorted(self.seconds)
+        return ordered[max(0, -(-9 * len(ordered) // 10) - 1)]
+
+
+@dataclass
+class Overhead:
+    """The kvd step against its baseline (the efficient bare when step_overhead had a CE-only
+    trainer, else the HF bare; then also the HF bare apart), and how busy the machine was."""
+
+    kvd: Samples
+    bare: Samples
+    teachers_s: float  # median seconds of the baseline's teacher forwards
+    student_s: float  # median seconds of the baseline's student step
+    hf: Samples | None
+    load: float  # the 1-minute load average at the end
+    cpu_per_wall: float  # this process's CPU seconds per wall second over the run
+    cores: int
+
+    @property
+    def kvd_s(self) -> float:
+        return self.kvd.median
+
+    @property
+    def bare_s(self) -> float:
+        return self.bare.median
+
+    @property
+    def tokens(self) -> int:
+        """Student tokens per step (median)."""
+        return int(statistics.median(self.kvd.tokens))
 
     @property
     def ratio(self) -> float:
         return self.kvd_s / self.bare_s
 
+    @property
+    def reliable(self) -> bool:
+        """False when the machine was busier than its cores (others' work in the timings)."""
+        return self.load <= 1.25 * self.cores
+
 
 BLOCK = 3
-"""Steps per block: kvd and bare steps run in alternating blocks on the same batch sequence."""
+"""Steps per block: the sides run in alternating blocks on the same batch sequence."""
 
 
-def step_overhead(trainer: Trainer, repeats: int, warmup: int = 1) -> Overhead:
+def step_overhead(
+    trainer: Trainer, repeats: int, warmup: int = 1, ce: Trainer | None = None
+) -> Overhead:
     """kvd and bare steps in alternating blocks of BLOCK steps on the same batches (the k-th
-    kvd step and the k-th bare step see batch k); medians of `repeats` steps per side.
+    step of every side sees batch k, checked by its student tokens); medians, means and p90
+    of `repeats` steps per side. With `ce` (a Trainer of `ce_only(spec)`) the baseline is the
+    efficient bare and the HF bare runs as a third side.
 
     The first step of every block is not counted: right after a switch the other side's
     buffers are still in the allocator and caches, which neither side meets in a real run
     (measured: +0.1-0.4 s on the first quickstart kvd step after bare steps). `warmup` whole
     rounds go first, uncounted; blocks take turns at going first, so drift hits both sides."""
-    bare = Bare(trainer)
-    kvd_rows: list[float] = []
-    bare_rows: list[dict[str, float]] = []
+    bares = {"hf": Bare(trainer)}
+    if ce is not None:
+        bares["efficient"] = Bare(trainer, ce)
+    sides = ["kvd", *bares]
+    rows: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     counted = BLOCK - 1
     rounds = warmup + -(-repeats // counted)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     for r in range(rounds):
-        for side in ("kvd", "bare") if r % 2 == 0 else ("bare", "kvd"):
+        order = sides[r % len(sides) :] + sides[: r % len(sides)]
+        for side in order:
             for i in range(BLOCK):
                 if side == "kvd":
+                    before = trainer.state.tokens
                     t = timed(lambda: kvd_step(trainer), trainer.rt.device)
-                    if r >= warmup and i:
-                        kvd_rows.append(t)
+                    row = {"step_s": t, "tokens": trainer.state.tokens - before}
                 else:
-                    batches = bare.next_batches()
-                    row = bare.step(batches)
-                    row["tokens"] = sum(int(b.student.attention_mask.sum()) for b in batches)
-                    if r >= warmup and i:
-                        bare_rows.append(row)
-    med = {k: statistics.median(r[k] for r in bare_rows) for k in bare_rows[0]}
+                    bare = bares[side]
+                    row = bare.step(bare.next_batches())
+                if r >= warmup and i:
+                    rows[side].append(row)
+    cpu_per_wall = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    samples = {
+        side: Samples([r["step_s"] for r in rs], [int(r["tokens"]) for r in rs])
+        for side, rs in rows.items()
+    }
+    for side, s in samples.items():
+        if s.tokens != samples["kvd"].tokens:
+            raise AssertionError(
+                f"the {side} bare saw other batches than kvd (student tokens per step "
+                f"{s.tokens} vs {samples['kvd'].tokens})"
+            )
+    base = "efficient" if ce is not None else "hf"
     return Overhead(
-        statistics.median(kvd_rows),
-        med["step_s"],
-        med["teachers_s"],
-        med["student_s"],
-        int(med["tokens"]),
+        kvd=samples["kvd"],
+        bare=samples[base],
+        teachers_s=statistics.median(r["teachers_s"] for r in rows[base]),
+        student_s=statistics.median(r["student_s"] for r in rows[base]),
+        hf=samples["hf"] if ce is not None else None,
+        load=os.getloadavg()[0],
+        cpu_per_wall=cpu_per_wall,
+        cores=os.cpu_count() or 1,
     )
 
 
 # -- peak memory in a fresh process --------------------------------------------------------------
 
 
-def reset_peak(device: torch.device) -> None:
-    """Forget the peak so far (after loading), so the next read is the steps' peak."""
+def reset_peak(device: torch.device) -> float:
+    """Forget the peak so far (after loading), so the next read is the steps' peak; returns
+    the memory in use now (MiB): CUDA allocated bytes, or the process's resident set on CPU."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM
-            f.write("5")
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to VmRSS
+        f.write("5")
+    return _proc_status_mb("VmRSS")
 
 
 def read_peak_mb(device: torch.device) -> float:
     """Peak since `reset_peak`: CUDA allocated bytes, or the process's resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return _proc_status_mb("VmHWM")
+
+
+def _proc_status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+MODES = ("kvd", "efficient", "hf")
+"""peak_memory's sides: the kvd step, the efficient bare, the HF bare."""
 
 
 def peak_memory_worker(setup: str, mode: str, steps: int, device: str) -> dict[str, float]:
-    """In this process: build `setup`, reset the peak, run `steps` steps of `mode`."""
+    """In this process: build `setup`, reset the peak, run `steps` steps of `mode`; the peak
+    and what was in use at the reset (the loaded models: the difference is the steps' own)."""
     from benchmarks.setups import SETUPS
 
-    trainer = build_trainer(SETUPS[setup](), device)
-    bare = Bare(trainer) if mode == "bare" else None
+    data = SETUPS[setup]()
+    trainer = build_trainer(data, device)
+    bare = None
+    if mode == "efficient":
+        bare = Bare(trainer, build_trainer(ce_only(data), device))
+    elif mode == "hf":
+        bare = Bare(trainer)
     dev = trainer.rt.device
     batches = [bare.next_batches() for _ in range(steps)] if bare else []
-    reset_peak(dev)
+    gc.collect()
+    base = reset_peak(dev)
     for i in range(steps):
         if bare is not None:
             bare.step(batches[i])
         else:
             kvd_step(trainer)
-    return {"peak_mb": read_peak_mb(dev)}
+    return {"peak_mb": read_peak_mb(dev), "base_mb": base}
 
 
-def peak_memory(setup: str, mode: str, steps: int, device: str) -> float:
-    """Peak memory (MiB) of `steps` steps of `mode` ("kvd" or "bare") in a fresh process."""
+@dataclass
+class Peak:
+    """A side's peak memory (MiB) over its steps and what was in use before them."""
+
+    peak_mb: float
+    base_mb: float
+
+    @property
+    def steps_mb(self) -> float:
+        """The steps' own memory: the peak above the loaded models."""
+        return self.peak_mb - self.base_mb
+
+
+def peak_memory(setup: str, mode: str, steps: int, device: str) -> Peak:
+    """Peak memory of `steps` steps of `mode` (one of MODES) in a fresh process."""
     cmd = [
         sys.executable,
         "-m",
@@ -263,7 +382,7 @@ def peak_memory(setup: str, mode: str, steps: int, device: str) -> float:
     )
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+    return Peak(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def bench_env() -> dict[str, str]:
@@ -348,6 +467,12 @@ def arguments(description: str, repeats: int = 8) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--results", type=Path, default=RESULTS, help="the results file to update")
+    p.add_argument(
+        "--setups",
+        type=lambda text: text.split(","),
+        default=None,
+        help="comma-separated setups of benchmarks/setups.py instead of the script's own",
+    )
     args = p.parse_args()
     if args.repeats is None:
         args.repeats = 2 if args.smoke else repeats

