@@ -31,6 +31,7 @@ from kvd.losses.base import Loss, masked_mean
 from kvd.losses.kv import KVLoss
 from kvd.losses.rowwise import RowTerm, rowwise_group
 from kvd.models import LoadedModel
+from kvd.phases import phase
 from kvd.project.base import KVProjector, Projector
 from kvd.spec import ProjectorRef
 from kvd.targets import TeacherRuntime, TeacherTargets
@@ -176,34 +177,37 @@ class DistillModel(nn.Module):
         """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
         need_kv = self.stage.reads_kv
         mask = attention_mask.bool()
-        rows = mask.flatten().nonzero().squeeze(1) if self.real_token_head else None
-        cap = capture_kv(
-            self.student,
-            input_ids,
-            attention_mask,
-            layers=self.layers if need_kv else [],
-            grad=True,
-            rows=rows,
-        )
-        assert cap.logits is not None
-        kv = self.rope.apply(cap.kv, self.student) if need_kv else cap.kv
+        with phase("student/forward"):
+            rows = mask.flatten().nonzero().squeeze(1) if self.real_token_head else None
+            cap = capture_kv(
+                self.student,
+                input_ids,
+                attention_mask,
+                layers=self.layers if need_kv else [],
+                grad=True,
+                rows=rows,
+            )
+            assert cap.logits is not None
+            kv = self.rope.apply(cap.kv, self.student) if need_kv else cap.kv
         s_keys = dict(zip(kv.layers, kv.keys, strict=True))
         s_values = dict(zip(kv.layers, kv.values, strict=True))
         out = StepOutput(total=cap.logits.new_zeros(()))
-        grouped = self._rowwise_terms(cap.logits, rows, input_ids, mask, targets, out)
+        with phase("loss/logits"):
+            grouped = self._rowwise_terms(cap.logits, rows, input_ids, mask, targets, out)
         full: Tensor | None = None  # [B, Ts, V] for losses that are not row-wise kernels
         for term in self.loss_terms:
             if any(term is g for g in grouped):
                 continue
             if (is_ce(term.module) or reads_logits(term.module)) and full is None:
                 full = cap.logits if rows is None else unpack_rows(cap.logits, rows, mask.shape)
-            if is_ce(term.module):
-                assert full is not None
-                value = term.module(full, input_ids, mask)
-            elif reads_projected_kv(term.module) and self.direction == "teacher_to_student":
-                value = self._fused_kv(term, s_keys, s_values, targets, task, out)
-            else:
-                value = self._per_teacher(term, full, s_keys, s_values, targets, out)
+            with phase(f"loss/{term.name}"):
+                if is_ce(term.module):
+                    assert full is not None
+                    value = term.module(full, input_ids, mask)
+                elif reads_projected_kv(term.module) and self.direction == "teacher_to_student":
+                    value = self._fused_kv(term, s_keys, s_values, targets, task, out)
+                else:
+                    value = self._per_teacher(term, full, s_keys, s_values, targets, out)
             out.parts[f"loss/{term.name}"] = value.detach()
             out.total = out.total + term.weight * value
         out.parts["loss/total"] = out.total.detach()
@@ -335,20 +339,24 @@ class DistillModel(nn.Module):
         targets = {tid: t for tid, t in targets.items() if tid in term.teachers}
         for index, j in enumerate(self.layers):
             sk, sv = s_keys[j], s_values[j]
-            tk, tv, tmask = self._projected_targets(j, sk, targets)
-            ce = None
-            if self.fusion.needs_teacher_ce:
-                ce = torch.stack([self._teacher_ce(targets, tid, sk) for tid in self.teacher_ids])
-            routed = self.fusion(
-                FusionInput(
-                    teacher=tk,
-                    student=sk.detach(),
-                    mask=tmask,
-                    layer=index,
-                    task=task,
-                    teacher_ce=ce,
+            with phase("project"):
+                tk, tv, tmask = self._projected_targets(j, sk, targets)
+            with phase("fuse"):
+                ce = None
+                if self.fusion.needs_teacher_ce:
+                    ce = torch.stack(
+                        [self._teacher_ce(targets, tid, sk) for tid in self.teacher_ids]
+                    )
+                routed = self.fusion(
+                    FusionInput(
+                        teacher=tk,
+                        student=sk.detach(),
+                        mask=tmask,
+                        layer=index,
+                        task=task,
+                        teacher_ce=ce,
+                    )
                 )
-            )
             if self.fusion.combine == "losses":
                 value = self._fused_losses(
                     term, j, (sk, tk), (sv, tv), tmask, routed.weights, targets, out

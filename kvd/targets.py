@@ -20,6 +20,7 @@ from kvd.capture import capture_kv
 from kvd.head import OutputHead
 from kvd.models import LoadedModel
 from kvd.nll import next_token_nll
+from kvd.phases import phase
 from kvd.tokenize import tokenize
 from kvd.types import TokenAlignment, TokenBatch
 
@@ -107,51 +108,55 @@ def teacher_targets(
     vocabulary and kept to the map's top k."""
     if teacher.loaded is None:
         raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
-    batch = tokenize(
-        teacher.loaded.tokenizer, texts, max_length=teacher.max_length, add_bos=teacher.add_bos
-    )
+    with phase("teacher/tokenize"):
+        batch = tokenize(
+            teacher.loaded.tokenizer, texts, max_length=teacher.max_length, add_bos=teacher.add_bos
+        )
     ids = batch.input_ids.to(device)
     mask = batch.attention_mask.to(device)
     model = teacher.loaded.model
     mapped = want_logits and teacher.vocab is not None
     as_hidden = want_logits and hidden_logits and not mapped
-    cap = capture_kv(
-        model,
-        ids,
-        mask,
-        layers=teacher.plan.teacher_layers if want_kv else [],
-        logits=want_ce or (want_logits and not as_hidden),
-        hidden=as_hidden,
-    )
-    kv = rope.apply(cap.kv, model)
-    found = token_aligner.align(student, batch)
-    alignment = replace(found, index=found.index.to(device), weight=found.weight.to(device))
-    keys = dict(zip(kv.layers, kv.keys, strict=True))
-    values = dict(zip(kv.layers, kv.values, strict=True))
-    out_k: dict[int, torch.Tensor] = {}
-    out_v: dict[int, torch.Tensor] = {}
-    if want_kv:
-        for j, (k, v) in enumerate(
-            zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
-        ):
-            if k is not None and v is not None:
-                out_k[j] = alignment.gather(k)
-                out_v[j] = alignment.gather(v)
-    logits = None
-    if want_logits and not as_hidden and cap.logits is not None:
-        logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
-    ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
-    real = student.attention_mask.to(device)
-    valid = alignment.mask.to(device) & real
-    if mapped:
-        assert cap.logits is not None and teacher.vocab is not None
-        nt = next_token_alignment(student, batch)
-        index = nt.index[..., 0].to(device)[..., None]  # [B, Ts, 1]
-        picked = cap.logits.gather(1, index.expand(-1, -1, cap.logits.shape[-1]))
-        top = teacher.vocab.top_k(picked)
-        logit_mask = nt.mask.to(device) & real
-        return TeacherTargets(
-            out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
+    with phase("teacher/forward"):
+        cap = capture_kv(
+            model,
+            ids,
+            mask,
+            layers=teacher.plan.teacher_layers if want_kv else [],
+            logits=want_ce or (want_logits and not as_hidden),
+            hidden=as_hidden,
         )
-    kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
-    return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)
+    with phase("teacher/unrotate"):
+        kv = rope.apply(cap.kv, model)
+    with phase("teacher/align"):
+        found = token_aligner.align(student, batch)
+        alignment = replace(found, index=found.index.to(device), weight=found.weight.to(device))
+        keys = dict(zip(kv.layers, kv.keys, strict=True))
+        values = dict(zip(kv.layers, kv.values, strict=True))
+        out_k: dict[int, torch.Tensor] = {}
+        out_v: dict[int, torch.Tensor] = {}
+        if want_kv:
+            for j, (k, v) in enumerate(
+                zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
+            ):
+                if k is not None and v is not None:
+                    out_k[j] = alignment.gather(k)
+                    out_v[j] = alignment.gather(v)
+        logits = None
+        if want_logits and not as_hidden and cap.logits is not None:
+            logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
+        ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
+        real = student.attention_mask.to(device)
+        valid = alignment.mask.to(device) & real
+        if mapped:
+            assert cap.logits is not None and teacher.vocab is not None
+            nt = next_token_alignment(student, batch)
+            index = nt.index[..., 0].to(device)[..., None]  # [B, Ts, 1]
+            picked = cap.logits.gather(1, index.expand(-1, -1, cap.logits.shape[-1]))
+            top = teacher.vocab.top_k(picked)
+            logit_mask = nt.mask.to(device) & real
+            return TeacherTargets(
+                out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
+            )
+        kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
+        return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)

@@ -25,6 +25,7 @@ from kvd.errors import KvdError
 from kvd.evaluate import LMMetrics, evaluate_lm
 from kvd.export import write_student
 from kvd.files import atomic_path, json_text, write_atomic
+from kvd.phases import phase
 from kvd.progress import Progress
 from kvd.resume import check_same_run, resume_point
 from kvd.run_state import CheckpointManager, RunState
@@ -53,7 +54,8 @@ class StepLog:
     pending: dict[str, torch.Tensor]
 
     def read(self) -> dict[str, Any]:
-        return {**self.fixed, **read_numbers(self.pending)}
+        with phase("step/log"):
+            return {**self.fixed, **read_numbers(self.pending)}
 
 
 @dataclass
@@ -147,12 +149,14 @@ class Trainer:
         routing: dict[int, torch.Tensor] = {}
         tokens = 0
         for micro in range(tr.grad_accum):
-            texts, tasks, s_batch = self.batches.next()
+            with phase("step/batch"):
+                texts, tasks, s_batch = self.batches.next()
             stage = self.curriculum.stage
-            if self.teacher_side.cache is not None:
-                targets = self.teacher_side.cached_targets(stage, state.step, micro)
-            else:
-                targets = self.teacher_side.targets(stage, texts, s_batch, step=state.step)
+            with phase("step/teachers"):
+                if self.teacher_side.cache is not None:
+                    targets = self.teacher_side.cached_targets(stage, state.step, micro)
+                else:
+                    targets = self.teacher_side.targets(stage, texts, s_batch, step=state.step)
             task = self.data.tasks.ids(tasks).to(self.rt.device)
             with (
                 oom_guard("the student step", s_batch, self.rt.device, state.step),
@@ -160,42 +164,47 @@ class Trainer:
                     self.rt.device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"
                 ),
             ):
-                out = self.wrapped(
-                    s_batch.input_ids.to(self.rt.device),
-                    s_batch.attention_mask.to(self.rt.device),
-                    targets,
-                    task,
-                )
+                with phase("step/student"):
+                    out = self.wrapped(
+                        s_batch.input_ids.to(self.rt.device),
+                        s_batch.attention_mask.to(self.rt.device),
+                        targets,
+                        task,
+                    )
                 # backward needs no teacher tensor the graph does not hold itself (the logit
                 # losses formed their gradients in forward): free aligned logits first
                 del targets
-                (out.total / tr.grad_accum).backward()
+                with phase("step/backward"):
+                    (out.total / tr.grad_accum).backward()
             tokens += int(s_batch.attention_mask.sum())  # a host tensor: no device sync
             for key, value in out.parts.items():
                 share = value / tr.grad_accum
                 parts[key] = parts[key] + share if key in parts else share
             routing = out.routing
-        grad_norm = self._clip()
+        with phase("step/clip"):
+            grad_norm = self._clip()
         ok = torch.isfinite(parts["loss/total"]) & torch.isfinite(grad_norm)
-        if self.rt.world > 1:  # the mean over ranks, all ranks' tokens, finite on every rank
-            names = sorted(parts)
-            summed = torch.stack([*(parts[n] for n in names), torch.tensor(float(tokens))])
-            summed = summed.to(self.rt.device)
-            dist.all_reduce(summed)
-            parts = {n: m / self.rt.world for n, m in zip(names, summed[:-1], strict=True)}
-            ok = ok.float()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            finite, total = torch.stack([ok, summed[-1]]).tolist()  # one device sync
-            finite, tokens = bool(finite), int(total)
-        else:
-            finite = bool(ok)  # the step's one device sync before the update
-        if finite:
-            self.optimizer.step()
-            self._check_weights()
-            state.nonfinite = 0
-        else:
-            state.nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("step/guard"):  # all ranks agree: the mean loss, finite everywhere
+            if self.rt.world > 1:  # the mean over ranks, all ranks' tokens, finite on every rank
+                names = sorted(parts)
+                summed = torch.stack([*(parts[n] for n in names), torch.tensor(float(tokens))])
+                summed = summed.to(self.rt.device)
+                dist.all_reduce(summed)
+                parts = {n: m / self.rt.world for n, m in zip(names, summed[:-1], strict=True)}
+                ok = ok.float()
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                finite, total = torch.stack([ok, summed[-1]]).tolist()  # one device sync
+                finite, tokens = bool(finite), int(total)
+            else:
+                finite = bool(ok)  # the step's one device sync before the update
+        with phase("step/optimizer"):
+            if finite:
+                self.optimizer.step()
+                self._check_weights()
+                state.nonfinite = 0
+            else:
+                state.nonfinite += 1
+            self.optimizer.zero_grad(set_to_none=True)
         state.tokens += tokens
         elapsed = time.perf_counter() - started
         fixed: dict[str, Any] = {

@@ -53,6 +53,7 @@ def number(cell: str) -> float:
         ("scaling", "scaling", [8]),
         ("memory_plan", "memory_plan", [3, 4, 6, 7]),
         ("gpu_smoke", "gpu_smoke", [3, 5, 6, 7]),
+        ("phases", "phases", [1]),
     ],
 )
 def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:
@@ -67,6 +68,10 @@ def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_pa
             assert number(row[col]) > 0, row
     text = results.read_text()
     assert "untouched" in text and text.startswith("# kept")  # other sections are kept
+    if script == "phases":  # the top-level phases account for the whole step
+        shares = [number(row[2]) for row in table if not row[0].startswith("&nbsp;")]
+        assert {row[0] for row in table} >= {"step/teachers", "step/student", "step/backward"}
+        assert 85 <= sum(shares) <= 101, table
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
