@@ -173,12 +173,17 @@ class DistillModel(nn.Module):
         attention_mask: Tensor,
         targets: dict[str, TeacherTargets],
         task: Tensor | None = None,
+        real_rows: Tensor | None = None,
     ) -> StepOutput:
-        """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets."""
+        """input_ids, attention_mask [B, Ts] (student tokens) and active teachers' targets.
+        real_rows [N]: the flat positions of the real tokens (attention_mask.flatten().nonzero()),
+        if the caller has them without a device read (from the host's mask)."""
         need_kv = self.stage.reads_kv
         mask = attention_mask.bool()
         with phase("student/forward"):
-            rows = mask.flatten().nonzero().squeeze(1) if self.real_token_head else None
+            rows = None
+            if self.real_token_head:
+                rows = real_rows if real_rows is not None else mask.flatten().nonzero().squeeze(1)
             cap = capture_kv(
                 self.student,
                 input_ids,

@@ -130,7 +130,7 @@ def teacher_targets(
         kv = rope.apply(cap.kv, model)
     with phase("teacher/align"):
         found = token_aligner.align(student, batch)
-        alignment = replace(found, index=found.index.to(device), weight=found.weight.to(device))
+        alignment = found.to(device)
         keys = dict(zip(kv.layers, kv.keys, strict=True))
         values = dict(zip(kv.layers, kv.values, strict=True))
         out_k: dict[int, torch.Tensor] = {}

@@ -165,11 +165,14 @@ class Trainer:
                 ),
             ):
                 with phase("step/student"):
+                    # the real tokens' rows from the host's mask: nonzero() on a GPU waits for it
+                    real_rows = s_batch.attention_mask.flatten().nonzero().squeeze(1)
                     out = self.wrapped(
                         s_batch.input_ids.to(self.rt.device),
                         s_batch.attention_mask.to(self.rt.device),
                         targets,
                         task,
+                        real_rows.to(self.rt.device),
                     )
                 # backward needs no teacher tensor the graph does not hold itself (the logit
                 # losses formed their gradients in forward): free aligned logits first

@@ -48,9 +48,17 @@ class TokenAlignment:
     index: torch.Tensor
     weight: torch.Tensor
     mask: torch.Tensor
-    _maps: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, bool]] = field(
+    _maps: dict[tuple[int, torch.dtype, torch.device], torch.Tensor | None] = field(
         default_factory=dict, init=False, repr=False, compare=False
-    )  # gather's dense maps (and whether each only keeps rows), built once per Tt, dtype, device
+    )  # gather's dense maps (None: the map only keeps rows), built once per Tt, dtype, device
+    _host: TokenAlignment | None = field(default=None, init=False, repr=False, compare=False)
+
+    def to(self, device: torch.device) -> TokenAlignment:
+        """This alignment with index and weight on `device`; gather decides whether the map
+        only keeps rows from this (host) copy, so a GPU step waits for no device read."""
+        moved = TokenAlignment(self.index.to(device), self.weight.to(device), self.mask)
+        moved._host = self._host or self
+        return moved
 
     def matrix(self, tt: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The alignment as a dense map [B, Ts, Tt]: row s holds the weights of its teacher
@@ -59,6 +67,18 @@ class TokenAlignment:
         out = torch.zeros(b, ts, max(tt, 1), dtype=dtype, device=self.index.device)
         out.scatter_add_(2, self.index.clamp(0, max(tt - 1, 0)), self.weight.to(dtype))
         return out[:, :, :tt]
+
+    def keeps_rows(self, tt: int) -> bool:
+        """Whether matrix(tt) is the identity on some rows and zero elsewhere (each student
+        position reads its own teacher position with weight 1, or nothing): a teacher sharing
+        the student's tokenizer. Weights are non-negative."""
+        _, ts, _ = self.index.shape
+        if ts > tt:
+            return False
+        index = self.index.clamp(0, max(tt - 1, 0))
+        own = index == torch.arange(ts, device=index.device)[None, :, None]
+        diag = (self.weight * own).sum(dim=-1)
+        return bool(((diag == 0) | (diag == 1)).all()) and not bool((self.weight * ~own).any())
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher tensor [B, H, Tt, D] -> student-aligned [B, H, Ts, D] (weighted over K).
@@ -71,24 +91,12 @@ class TokenAlignment:
         layer, logits); index and weight must not change after the first gather."""
         key = (x.shape[2], x.dtype, x.device)
         if key not in self._maps:
-            m = self.matrix(x.shape[2], x.dtype).to(x.device)
-            self._maps[key] = (m, _identity_rows(m) is not None)
-        m, keeps_rows = self._maps[key]
-        if keeps_rows:  # a view: no copy of [B, 1, T, V] logits
-            return x[:, :, : m.shape[1]]
+            keeps = (self._host or self).keeps_rows(x.shape[2])
+            self._maps[key] = None if keeps else self.matrix(x.shape[2], x.dtype).to(x.device)
+        m = self._maps[key]
+        if m is None:  # a view: no copy of [B, 1, T, V] logits
+            return x[:, :, : self.index.shape[1]]
         return torch.matmul(m[:, None], x)
-
-
-def _identity_rows(m: torch.Tensor) -> torch.Tensor | None:
-    """For a map m [B, Ts, Tt] that is the identity on some rows and zero elsewhere, its
-    diagonal [B, Ts] (1 kept, 0 dropped); otherwise None."""
-    ts, tt = m.shape[1:]
-    if ts > tt:
-        return None
-    diag = m.diagonal(dim1=1, dim2=2)
-    if not ((diag == 0) | (diag == 1)).all() or m[:, :, ts:].any():
-        return None
-    return diag if torch.equal(m[:, :, :ts], torch.diag_embed(diag)) else None
 
 
 @dataclass

@@ -269,3 +269,57 @@ def test_real_tokenizers_are_causal(real_tokenizers: dict[str, Any], name: str) 
     for tok in real_tokenizers.values():
         same = tokenize(tok, texts, add_bos=True, max_length=256)
         assert_identity(ALIGNERS[name].align(same, same), same)
+
+
+def dense_keeps_rows(m: torch.Tensor) -> bool:
+    """The definition: m [B, Ts, Tt] is the identity on some rows and zero elsewhere."""
+    ts, tt = m.shape[1:]
+    if ts > tt:
+        return False
+    diag = m.diagonal(dim1=1, dim2=2)
+    if not ((diag == 0) | (diag == 1)).all() or m[:, :, ts:].any():
+        return False
+    return torch.equal(m[:, :, :ts], torch.diag_embed(diag))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ts=st.integers(1, 6),
+    tt=st.integers(1, 8),
+    k=st.integers(1, 3),
+    kind=st.sampled_from(["identity", "shifted", "soft"]),
+    seed=st.integers(0, 10_000),
+)
+def test_keeps_rows_matches_the_dense_map(ts: int, tt: int, k: int, kind: str, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, ts, generator=g) > 0.3
+    own = torch.arange(ts).expand(2, ts)
+    if kind == "identity":  # a shared tokenizer: own position or nothing
+        index = own[..., None].expand(2, ts, k).clone()
+        weight = torch.zeros(2, ts, k)
+        weight[..., 0] = keep.float()
+    elif kind == "shifted":
+        index = (own + 1)[..., None].expand(2, ts, k).clone()
+        weight = torch.zeros(2, ts, k)
+        weight[..., 0] = keep.float()
+    else:
+        index = torch.randint(0, tt, (2, ts, k), generator=g)
+        weight = torch.rand(2, ts, k, generator=g)
+        weight = weight / weight.sum(-1, keepdim=True) * keep[..., None]
+    a = TokenAlignment(index, weight, keep)
+    assert a.keeps_rows(tt) == dense_keeps_rows(a.matrix(tt))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_gather_on_the_device_reads_nothing_from_it(shared: bool) -> None:
+    # on the meta device every read of a value raises: gather decides from the host copy
+    ts, tt = 5, 5 if shared else 7
+    own = torch.arange(ts).expand(2, ts)
+    index = (own if shared else own.clamp(max=tt - 1) + 1)[..., None]
+    a = TokenAlignment(index, torch.ones(2, ts, 1), torch.ones(2, ts, dtype=torch.bool))
+    meta = torch.device("meta")
+    x = torch.empty(2, 3, tt, 4, device=meta)
+    out = a.to(meta).gather(x)
+    assert out.shape == (2, 3, ts, 4) and out.device == meta
+    host = a.gather(torch.randn(2, 3, tt, 4))
+    assert host.shape == (2, 3, ts, 4)

@@ -529,3 +529,11 @@ def test_softmax_lse_reads_the_first_column_and_falls_back_to_the_maximum() -> N
         lse = rowwise.softmax_lse(x, out)
         torch.testing.assert_close(lse, torch.logsumexp(x, -1))
         torch.testing.assert_close(out, torch.softmax(x, -1))
+        # the accelerator's form, row by row (no host read), gives the same values
+        torch.testing.assert_close(rowwise.lse_by_rows(x, out), torch.logsumexp(x, -1))
+
+
+def test_softmax_lse_off_the_cpu_reads_no_value() -> None:
+    # on the meta device any read of a value raises, as a host read would stall a GPU
+    x = torch.empty(4, 100, device="meta")
+    assert rowwise.softmax_lse(x, torch.empty_like(x)).shape == (4,)

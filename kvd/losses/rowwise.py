@@ -173,12 +173,24 @@ def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
     over the rows: softmax(x)_j = exp(x_j - lse) for every j, so lse = x_0 - log(softmax(x)_0),
     read off the first column. Where that value is below PROBE_FLOOR (x_0 far below the rest,
     or -inf) the chunk takes the row maximum m instead, where the softmax is largest (>= 1/V):
-    lse = m - log(max softmax), two more passes (`amax`: 10x faster on CPU than `max`)."""
+    lse = m - log(max softmax), two more passes (`amax`: 10x faster on CPU than `max`). On the
+    CPU the check is one host read; on an accelerator, where a read would stall the queue for
+    every chunk, both forms are computed and chosen row by row (lse_by_rows)."""
     torch.softmax(x, dim=-1, out=out)
     probe = out[:, 0]
+    if x.device.type != "cpu":
+        return lse_by_rows(x, out)
     if bool((probe >= PROBE_FLOOR).all()):
         return x[:, 0] - probe.log()
     return x.amax(dim=-1) - out.amax(dim=-1).log()
+
+
+def lse_by_rows(x: Tensor, softmax: Tensor) -> Tensor:
+    """logsumexp(x) [c] from rows x [c, V] and their softmax, without reading a value on the
+    host: the first-column form where its probe is trusted, the row-maximum form elsewhere."""
+    probe = softmax[:, 0]
+    first = x[:, 0] - probe.log()
+    return torch.where(probe >= PROBE_FLOOR, first, x.amax(dim=-1) - softmax.amax(dim=-1).log())
 
 
 class CrossEntropyRows:
