@@ -9,11 +9,16 @@ forwards + plain transformers student step, LM head and loss on padding too) alt
 on the same batches in one process (benchmarks/harness.py). Memory: each side in a fresh process;
 the target is on the steps' own memory, the peak above the loaded models.
 
+Under `KVD_ALLOCATOR=system` (glibc's malloc instead of kvd's mimalloc) the results go to their
+own section, so both allocators' ratios stand side by side.
+
 A run is marked unreliable when the machine's 1-minute load average at its end was above 1.25x
 its cores: someone else's work was in the timings.
 """
 
 from __future__ import annotations
+
+import os
 
 from benchmarks.harness import (
     arguments,
@@ -26,6 +31,7 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.setups import SETUPS
+from kvd.allocator import ENV as ALLOCATOR_ENV
 
 STEP_TARGET = 1.10
 MEMORY_TARGET = 1.15
@@ -117,7 +123,12 @@ def main() -> None:
             rows,
         )
     )
-    write_section(args.results, "step_overhead", "Step overhead and memory", body)
+    if os.environ.get(ALLOCATOR_ENV) == "system":
+        write_section(
+            args.results, "step_overhead_glibc", "Step overhead and memory, glibc malloc", body
+        )
+    else:
+        write_section(args.results, "step_overhead", "Step overhead and memory", body)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_smoke(script: str, results: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_smoke(script: str, results: Path, **extra_env: str) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra_env)
     out = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", "--smoke", "--results", str(results)],
         cwd=ROOT,
@@ -72,6 +72,19 @@ def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_pa
         shares = [number(row[2]) for row in table if not row[0].startswith("&nbsp;")]
         assert {row[0] for row in table} >= {"step/teachers", "step/student", "step/backward"}
         assert 85 <= sum(shares) <= 101, table
+
+
+@pytest.mark.slow
+def test_step_overhead_under_glibc_has_its_own_section(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    results.write_text(
+        "# kept\n\n<!-- bench:step_overhead -->\nmimalloc's\n<!-- /bench:step_overhead -->\n"
+    )
+    body = section(
+        run_smoke("step_overhead", results, KVD_ALLOCATOR="system"), "step_overhead_glibc"
+    )
+    assert "allocator: system" in body and rows(body)
+    assert "mimalloc's" in results.read_text()  # the mimalloc section is kept beside it
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
