@@ -1,7 +1,7 @@
 """Named phases of a training step, for profilers: `with phase("teacher/forward"): ...` marks a
-range `kvd/teacher/forward` that torch.profiler (and Nsight, through its NVTX ranges) attribute
-time to; benchmarks/phases.py prints the step's breakdown by them. Without a profiler running a
-range costs about a microsecond.
+range `kvd/teacher/forward` that torch.profiler attributes time to (Nsight Systems too, inside
+torch.autograd.profiler.emit_nvtx()); benchmarks/phases.py prints the step's breakdown by them.
+Without a profiler running, a range costs about a microsecond.
 
 The phases of one step, nested as they run:
 
