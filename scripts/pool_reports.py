@@ -27,6 +27,7 @@ from kvd.stats import bootstrap_ci, holm, summarize, welch
 
 SAME = ("name", "base", "steps", "batch_size", "grad_accum", "seq_len", "split_digest", "groups")
 METRICS = {"bits_per_byte": "bits/byte", "perplexity": "perplexity"}
+DIGITS = {"bits_per_byte": 4, "perplexity": 2}
 
 
 def load(folder: Path) -> dict[str, Any]:
@@ -102,9 +103,12 @@ def report(folders: list[Path], out: Path) -> str:
         ref = groups[base]["metrics"][metric]
         ps = [welch(ref, groups[g]["metrics"][metric]) for g in others]
         adjusted = holm(ps)
+        d = DIGITS[metric]
         s = summarize(ref)
-        by_seed = ", ".join(f"{v:.4f}" for v in ref)
-        lines.append(f"| {base} | {label} | {s.mean:.4f} ± {s.std:.4f} | {by_seed} | | | | | | |")
+        by_seed = ", ".join(f"{v:.{d}f}" for v in ref)
+        lines.append(
+            f"| {base} | {label} | {s.mean:.{d}f} ± {s.std:.{d}f} | {by_seed} | | | | | | |"
+        )
         for g, p, p_holm in zip(others, ps, adjusted, strict=True):
             values = groups[g]["metrics"][metric]
             if groups[g]["seeds"] != groups[base]["seeds"]:
@@ -128,10 +132,10 @@ def report(folders: list[Path], out: Path) -> str:
             }
             result["rows"].append(row)
             lines.append(
-                f"| {g} | {label} | {s.mean:.4f} ± {s.std:.4f} | "
-                + ", ".join(f"{v:.4f}" for v in values)
-                + f" | {delta:+.4f} | {100 * row['relative']:+.2f} | "
-                + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+                f"| {g} | {label} | {s.mean:.{d}f} ± {s.std:.{d}f} | "
+                + ", ".join(f"{v:.{d}f}" for v in values)
+                + f" | {delta:+.{d}f} | {100 * row['relative']:+.2f} | "
+                + (f"[{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]" if ci else "")
                 + f" | {p:.3g} | {p_holm:.3g} | {paired:.3g} |"
             )
     out.mkdir(parents=True, exist_ok=True)
