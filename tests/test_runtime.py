@@ -42,4 +42,3 @@ def test_activation_checkpointing_on_older_transformers() -> None:
     assert model.calls == [{"use_reentrant": False}]
     # this transformers' path (activation_checkpointing_enable): tests/test_capture.py checks
     # that layers are recomputed in backward and K/V gradients stay exact
-
