@@ -104,7 +104,7 @@ def report(folders: list[Path], out: Path) -> str:
         ps = [welch(ref, groups[g]["metrics"][metric]) for g in others]
         adjusted = holm(ps)
         d = DIGITS[metric]
-        s = summarize(ref)
+        s = base_summary = summarize(ref)
         by_seed = ", ".join(f"{v:.{d}f}" for v in ref)
         lines.append(
             f"| {base} | {label} | {s.mean:.{d}f} ± {s.std:.{d}f} | {by_seed} | | | | | | |"
@@ -114,7 +114,7 @@ def report(folders: list[Path], out: Path) -> str:
             if groups[g]["seeds"] != groups[base]["seeds"]:
                 sys.exit(f"error: group {g} has seeds {groups[g]['seeds']}, the baseline others")
             s = summarize(values)
-            delta = s.mean - summarize(ref).mean
+            delta = s.mean - base_summary.mean
             ci = bootstrap_ci(ref, values)
             paired = paired_t(ref, values)
             row = {
@@ -124,7 +124,7 @@ def report(folders: list[Path], out: Path) -> str:
                 "mean": s.mean,
                 "std": s.std,
                 "delta": delta,
-                "relative": delta / summarize(ref).mean,
+                "relative": delta / base_summary.mean,
                 "ci95": ci,
                 "p": p,
                 "p_holm": p_holm,

@@ -177,9 +177,9 @@ def softmax_lse(x: Tensor, out: Tensor) -> Tensor:
     CPU the check is one host read; on an accelerator, where a read would stall the queue for
     every chunk, both forms are computed and chosen row by row (lse_by_rows)."""
     torch.softmax(x, dim=-1, out=out)
-    probe = out[:, 0]
     if x.device.type != "cpu":
         return lse_by_rows(x, out)
+    probe = out[:, 0]
     if bool((probe >= PROBE_FLOOR).all()):
         return x[:, 0] - probe.log()
     return x.amax(dim=-1) - out.amax(dim=-1).log()
