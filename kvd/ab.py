@@ -39,6 +39,7 @@ from kvd.curriculum import logit_teachers, reads_kv, uses_teachers
 from kvd.data import read_manifest
 from kvd.diff import dotted_differences
 from kvd.errors import KvdError, SpecError
+from kvd.eval_texts import Part
 from kvd.names import checked_name
 from kvd.resume import HARMLESS_CHANGES
 from kvd.rundir import code_version, holds_run
@@ -109,6 +110,10 @@ class Experiment(BaseModel):
     evaluate: bool = True
     evaluate_teachers: bool = False
     eval_max_texts: int | None = Field(None, ge=2)
+    eval_part: Part = "all"
+    """Score the students on all of their validation texts, or on the `tune` or `test` half of
+    its documents (RUN/eval/validation-PART.json): choose settings on one experiment with
+    `tune`, then report the chosen groups with `test` (the same runs are reused)."""
     lm_eval: HarnessTasks | None = None
 
     @field_validator("name")
@@ -155,6 +160,12 @@ class ExperimentPlan:
     runs: list[PlannedRun]
     runs_dir: Path
     report_dir: Path
+
+    @property
+    def eval_name(self) -> str:
+        """The name of each run's evaluation the report reads (RUN/eval/NAME.json)."""
+        part = self.experiment.eval_part
+        return "validation" if part == "all" else f"validation-{part}"
 
 
 def read_experiment(path: Path) -> Experiment:
@@ -377,7 +388,9 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
         max_texts=p.experiment.eval_max_texts,
         base_dir=base_dir,
         device=p.runs[0].spec.training.device,
+        part=p.experiment.eval_part,
     )
+    evaluated = f"{p.eval_name}.json"
     harness = p.experiment.lm_eval
     if harness is not None:  # unknown task names stop the experiment before any training
         where = f"{p.path}: lm_eval.tasks:"
@@ -396,7 +409,7 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
                 ensure_cache(run, base_dir, console)
             train_apart(p.base_path, run.overrides)
         reference = check_split(run, reference)
-        if p.experiment.evaluate and not (run.dir / "eval" / "validation.json").is_file():
+        if p.experiment.evaluate and not (run.dir / "eval" / evaluated).is_file():
             console.print(f"{label}: evaluating", markup=False)
             run_eval(str(run.dir), options=options)
         if harness is not None and not (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
@@ -406,7 +419,7 @@ def execute(p: ExperimentPlan, console: Console) -> Path:
     if p.experiment.evaluate_teachers:
         first = p.runs[0]
         for t in first.spec.teachers:
-            out = p.runs_dir / "teachers" / f"{t.id}.json"
+            out = p.runs_dir / "teachers" / f"{t.id}{p.eval_name.removeprefix('validation')}.json"
             if not out.is_file():
                 console.print(f"evaluating teacher {t.id}", markup=False)
                 run_eval(str(first.dir), teacher=t.id, out=out, options=options)
@@ -421,7 +434,8 @@ def report(p: ExperimentPlan, teacher_files: list[Path], console: Console) -> Pa
     from kvd.runs import Group, load_eval, load_run
 
     groups = [
-        Group(name, [load_run(r.dir) for r in p.runs if r.group == name]) for name in p.groups
+        Group(name, [load_run(r.dir, p.eval_name) for r in p.runs if r.group == name])
+        for name in p.groups
     ]
     groups += [Group(f"teacher {f.stem}", [load_eval(f)]) for f in teacher_files]
     result = compare_groups(groups)
@@ -486,17 +500,20 @@ def rerun(p: ExperimentPlan, which: str, console: Console) -> list[str]:
     target = p.runs_dir / "reruns" / f"{group}-seed{seed}-{stamp}"
     console.print(f"rerunning {which} into {target}", markup=False)
     train_apart(p.base_path, [*run.overrides, setting("output.dir", str(target))])
-    if (run.dir / "eval" / "validation.json").is_file():
+    if (run.dir / "eval" / f"{p.eval_name}.json").is_file():
         options = EvalOptions(
             max_texts=p.experiment.eval_max_texts,
             base_dir=p.base_path.parent,
             device=run.spec.training.device,
+            part=p.experiment.eval_part,
         )
         run_eval(str(target), options=options)
     harness = p.experiment.lm_eval
     if harness is not None and (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
         harness.score(target, p, run.spec.training.device)
-    return differences([load_run(run.dir), load_run(target)], p.experiment.tolerance)
+    return differences(
+        [load_run(run.dir, p.eval_name), load_run(target, p.eval_name)], p.experiment.tolerance
+    )
 
 
 def describe(p: ExperimentPlan) -> dict[str, Any]:
@@ -516,6 +533,7 @@ def describe(p: ExperimentPlan) -> dict[str, Any]:
         "batch_size": first.training.batch_size,
         "grad_accum": first.training.grad_accum,
         "seq_len": first.data.seq_len,
+        "eval_part": p.experiment.eval_part,
         "split_digest": read_manifest(p.runs[0].dir / "split.json").digest,
         "groups": p.groups,
         "tokens": tokens,
@@ -556,6 +574,17 @@ def code_line(facts: dict[str, Any]) -> str:
     )
 
 
+def scored_line(part: str) -> str:
+    """Which held-out texts the metrics below are measured on."""
+    if part == "all":
+        return "Scored on the runs' validation texts (eval/validation.json)."
+    use = "choose settings here" if part == "tune" else "report here, choose elsewhere"
+    return (
+        f"Scored on the **{part}** half of the validation documents only "
+        f"(eval/validation-{part}.json; {use})."
+    )
+
+
 def intro(facts: dict[str, Any]) -> str:
     """The report's opening: the experiment, its compute, and each group's overrides."""
     same = (
@@ -570,6 +599,8 @@ def intro(facts: dict[str, Any]) -> str:
         f"student tokens on one split (split.json digest `{facts['split_digest'][:16]}`, checked "
         f"for every run); tokens per run, seed by seed, are {same}. "
         f"Runs: `{facts['runs_dir']}/GROUP/seedN`.",
+        "",
+        scored_line(facts.get("eval_part", "all")),
         "",
         code_line(facts),
         "",

@@ -2,14 +2,20 @@
 teachers with different tokenizers are scored on the same bytes: a run's own validation windows
 (rebuilt from its spec.yaml and checked against its split.json), the held-out documents of a
 dataset cut into windows of a fixed number of UTF-8 bytes, or every document of text files.
+
+A run's validation documents fall into two fixed halves, `tune` and `test`, by a hash of each
+document's id (no seed, independent of order and of the model): choose a recipe's settings on
+`tune`, report the chosen recipe on `test`, so no number reported was also used to choose.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kvd.data import Data, build_data, pack_documents, read_manifest, split_documents
 from kvd.errors import KvdError
@@ -17,6 +23,9 @@ from kvd.manager import registry
 from kvd.rundir import holds_run
 from kvd.sources.byte_tokenizer import byte_tokenizer
 from kvd.spec import DataRef, RunSpec, parse_spec, read_yaml
+
+Part = Literal["all", "tune", "test"]
+"""Which of a run's validation windows are scored: all, or one half of its documents."""
 
 _WINDOWS: dict[tuple[str, str, bool, Path], Data] = {}
 """Data rebuilt for runs in this process, by data spec, student tokenizer, BOS and folder."""
@@ -44,9 +53,18 @@ def run_spec(run_dir: Path, base_dir: Path) -> RunSpec:
     return parse_spec(data, source=str(run_dir / "spec.yaml"), base_dir=base_dir)
 
 
-def run_texts(run_dir: Path, base_dir: Path, *, limit: int | None) -> EvalTexts:
-    """The run's validation windows, rebuilt from its spec with its student's tokenizer; the
-    split must have the content hashes of the run's split.json."""
+def in_part(doc_id: str, part: Part) -> bool:
+    """Whether a validation document is in `part`: `tune` iff the first 64 bits of the sha256 of
+    its id, read as a fraction of 2**64, are below 1/2; `test` the others."""
+    if part == "all":
+        return True
+    tune = int(hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:16], 16) < 2**63
+    return tune == (part == "tune")
+
+
+def run_texts(run_dir: Path, base_dir: Path, *, limit: int | None, part: Part = "all") -> EvalTexts:
+    """The run's validation windows (those of `part`'s documents), rebuilt from its spec with
+    its student's tokenizer; the split must have the content hashes of the run's split.json."""
     spec = run_spec(run_dir, base_dir)
     student = spec.student.build()
     geometry = student.geometry()
@@ -68,8 +86,11 @@ def run_texts(run_dir: Path, base_dir: Path, *, limit: int | None) -> EvalTexts:
             "(content hashes differ: the text changed since the run)",
             hint="evaluate on the same data the run used (same Python version for stdlib)",
         )
-    texts = [w.text for w in data.validation][:limit]
-    return EvalTexts(texts, f"validation split of {run_dir}", "validation", recorded.digest)
+    texts = [w.text for w in data.validation if in_part(w.doc_id, part)][:limit]
+    if part == "all":
+        return EvalTexts(texts, f"validation split of {run_dir}", "validation", recorded.digest)
+    source = f"{part} half of the validation split of {run_dir}"
+    return EvalTexts(texts, source, f"validation-{part}", recorded.digest)
 
 
 def dataset_texts(text: str, *, window_bytes: int, limit: int | None) -> EvalTexts:
@@ -101,9 +122,16 @@ def dataset_texts(text: str, *, window_bytes: int, limit: int | None) -> EvalTex
 
 
 def resolve_texts(
-    target: str, data: str | None, *, base_dir: Path, window_bytes: int, limit: int | None
+    target: str,
+    data: str | None,
+    *,
+    base_dir: Path,
+    window_bytes: int,
+    limit: int | None,
+    part: Part = "all",
 ) -> EvalTexts:
-    """The texts `--data` names; without it, a run target's own validation split."""
+    """The texts `--data` names; without it, a run target's own validation split (or `part` of
+    it)."""
     path = Path(target)
     if data is None:
         if not is_run_dir(path):
@@ -111,11 +139,17 @@ def resolve_texts(
                 f"{target}: --data is needed for a target that is not a run dir",
                 hint="--data RUN_DIR (its validation texts), a dataset name (stdlib) or a file",
             )
-        return run_texts(path, base_dir, limit=limit)
+        return run_texts(path, base_dir, limit=limit, part=part)
     if is_run_dir(Path(data)):
-        texts = run_texts(Path(data), base_dir, limit=limit)
+        texts = run_texts(Path(data), base_dir, limit=limit, part=part)
         if Path(data).resolve() == path.resolve():
             return texts
-        name = f"validation-{Path(data).resolve().name}"
+        name = f"{texts.name}-{Path(data).resolve().name}"
         return EvalTexts(texts.texts, texts.source, name, texts.split_digest)
+    if part != "all":
+        raise KvdError(
+            f"--part {part}: only a run's validation split has tune and test halves ({data} is "
+            "not a run dir)",
+            hint="drop --part, or give a run dir as TARGET or --data",
+        )
     return dataset_texts(data, window_bytes=window_bytes, limit=limit)

@@ -19,7 +19,7 @@ from kvd.build import load_model
 from kvd.cloze import build_items, cloze_correct
 from kvd.data.split import content_hash
 from kvd.errors import KvdError
-from kvd.eval_texts import EvalTexts, is_run_dir, resolve_texts, run_spec
+from kvd.eval_texts import EvalTexts, Part, is_run_dir, resolve_texts, run_spec
 from kvd.evaluate import evaluate_lm, span_bytes
 from kvd.files import json_text, write_atomic
 from kvd.models import LoadedModel
@@ -193,6 +193,7 @@ class EvalOptions:
     batch_size: int = 8
     base_dir: Path = Path(".")
     device: str = "auto"
+    part: Part = "all"
 
 
 def check_result_name(name: str | None) -> None:
@@ -237,6 +238,7 @@ def run_eval(
         base_dir=options.base_dir,
         window_bytes=options.window_bytes,
         limit=options.max_texts,
+        part=options.part,
     )
     subject = open_subject(target, teacher=teacher, base_dir=options.base_dir, device=device)
     report = evaluate_subject(

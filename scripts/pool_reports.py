@@ -25,7 +25,18 @@ from scipy import stats as scipy_stats
 
 from kvd.stats import bootstrap_ci, holm, summarize, welch
 
-SAME = ("name", "base", "steps", "batch_size", "grad_accum", "seq_len", "split_digest", "groups")
+SAME = (
+    "name",
+    "base",
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "split_digest",
+    "groups",
+    "eval_part",
+)
+DEFAULTS = {"eval_part": "all"}  # reports written before the key existed
 METRICS = {"bits_per_byte": "bits/byte", "perplexity": "perplexity"}
 DIGITS = {"bits_per_byte": 4, "perplexity": 2}
 
@@ -44,7 +55,8 @@ def check(reports: list[tuple[Path, dict[str, Any]]]) -> None:
         if other["baseline"] != first["baseline"]:
             sys.exit(f"error: {folder}: baseline {other['baseline']} vs {first['baseline']}")
         for key in SAME:
-            a, b = first["experiment"].get(key), other["experiment"].get(key)
+            a = first["experiment"].get(key, DEFAULTS.get(key))
+            b = other["experiment"].get(key, DEFAULTS.get(key))
             if a != b:
                 sys.exit(f"error: {folder}: experiment.{key} differs from {first_dir}: {b} vs {a}")
     seen: dict[int, Path] = {}

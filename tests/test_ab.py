@@ -113,6 +113,35 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     assert list(facts["code"]) == [here] and f"every run trained on kvd `{here}`" in text
 
 
+def test_a_test_half_report_reuses_the_runs_and_scores_only_that_half(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    first = yaml.safe_load((finished / "exp.yaml").read_text())
+    path = finished / "exp_test.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            first | {"name": "exp", "eval_part": "test", "report": str(finished / "report_test")}
+        )
+    )
+    capsys.readouterr()
+    assert main(["ab", str(path), "--min-seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished, not rerun") == 6 and "training" not in out
+    result = json.loads((finished / "report_test" / "compare.json").read_text())
+    assert result["experiment"]["eval_part"] == "test"
+    for run in (finished / "runs").glob("*/seed*"):
+        half = json.loads((run / "eval" / "validation-test.json").read_text())
+        assert half["data"]["source"].startswith("test half")
+    whole = json.loads((finished / "report" / "compare.json").read_text())
+    assert result["paired"][0]["texts"] <= 6 and result["paired"] != whole["paired"]
+    assert (
+        "**test** half of the validation documents"
+        in (finished / "report_test" / "report.md").read_text()
+    )
+
+
 def test_an_unknown_lm_eval_task_stops_the_experiment_before_any_training(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,7 @@ import yaml
 from kvd.cli.app import main
 from kvd.cloze import build_items, cut
 from kvd.data import SplitManifest, write_manifest
+from kvd.eval_texts import in_part
 from kvd.spec import parse_spec
 from kvd.train import train
 from tests.specs import tiny_spec
@@ -76,6 +77,48 @@ def test_other_targets_on_a_dataset_and_on_files(run_dir: Path, tmp_path: Path) 
     assert report["data"]["source"] == str(text) and report["model"].startswith("untrained")
 
 
+def test_tune_and_test_halves_split_the_validation_documents(run_dir: Path) -> None:
+    results = {}
+    for part in ("all", "tune", "test"):
+        assert main(["eval", str(run_dir), "--part", part]) == 0
+        name = "validation" if part == "all" else f"validation-{part}"
+        results[part] = read(run_dir / "eval" / f"{name}.json")
+    hashes = {part: r["sequences"]["hash"] for part, r in results.items()}
+    assert hashes["tune"] and hashes["test"]  # both halves hold texts
+    assert not set(hashes["tune"]) & set(hashes["test"])
+    assert sorted(hashes["tune"] + hashes["test"]) == sorted(hashes["all"])
+    assert results["test"]["data"]["source"].startswith("test half of the validation split")
+    # one document's windows all fall on the same side: the halves split documents
+    windows = build_windows(run_dir)
+    sides = {w.doc_id: set() for w in windows}
+    for w in windows:
+        sides[w.doc_id].add(in_part(w.doc_id, "tune"))
+    assert all(len(s) == 1 for s in sides.values())
+
+
+def build_windows(run_dir: Path) -> list:
+    from kvd.data import build_data
+
+    spec = parse_spec(yaml.safe_load((run_dir / "spec.yaml").read_text()))
+    student = spec.student.build()
+    data = build_data(
+        spec.data,
+        student_tokenizer=student.tokenizer(),
+        base_dir=Path("."),
+        add_bos=student.geometry().adds_bos,
+        min_tokens=spec.data.min_tokens,
+    )
+    return data.validation
+
+
+def test_the_halves_are_fixed_and_about_even() -> None:
+    ids = [f"doc:{i}" for i in range(2000)]
+    tune = [i for i in ids if in_part(i, "tune")]
+    assert 900 < len(tune) < 1100  # a fair coin per document id
+    assert tune == [i for i in ids if in_part(i, "tune")]  # no seed, no state
+    assert all(in_part(i, "tune") != in_part(i, "test") and in_part(i, "all") for i in ids)
+
+
 def test_cloze_items_are_deterministic() -> None:
     texts = [f"context number {i} goes here then continuation {i} follows" for i in range(6)]
     assert cut("abc def ghi") == ("abc", " def ghi")
@@ -97,6 +140,11 @@ def test_bad_input_exits_2(
         (["eval", str(run_dir / "student")], "--data is needed"),
         (["eval", str(run_dir), "--teacher", "nope"], "no teacher 'nope'"),
         (["eval", str(run_dir / "student"), "--data", "nope.txt"], "not a dataset name"),
+        (["eval", str(run_dir), "--part", "half"], "--part half: not one of all, tune, test"),
+        (
+            ["eval", str(run_dir / "student"), "--data", "stdlib", "--part", "tune"],
+            "only a run's validation split has tune and test halves",
+        ),
     ]
     tampered = tmp_path / "tampered"
     shutil.copytree(run_dir, tampered)

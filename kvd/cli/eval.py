@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 import typer
 from rich.table import Table
 
 from kvd.errors import KvdError
+from kvd.eval_texts import Part
 from kvd.harness import run_harness
 from kvd.measure import EvalOptions, run_eval
 from kvd.report import terminal
@@ -54,6 +55,12 @@ def eval_command(
         "file's folder).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    part: str = typer.Option(
+        "all",
+        "--part",
+        help="all, tune or test: score a run's whole validation split or one fixed half of its "
+        "documents (choose settings on tune, report on test): RUN/eval/validation-PART.json.",
+    ),
     lm_eval: str | None = typer.Option(
         None,
         "--lm-eval",
@@ -87,8 +94,10 @@ def eval_command(
         )
         show_harness(harness, dest)
         return
+    if part not in get_args(Part):
+        raise KvdError(f"--part {part}: not one of {', '.join(get_args(Part))}")
     options = EvalOptions(
-        max_texts, window_bytes, cloze_choices, seed, batch_size, base_dir, device
+        max_texts, window_bytes, cloze_choices, seed, batch_size, base_dir, device, cast(Part, part)
     )
     report, dest = run_eval(target, data=data, teacher=teacher, name=name, out=out, options=options)
     m = report["metrics"]
