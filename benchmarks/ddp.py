@@ -32,7 +32,7 @@ import yaml
 
 from benchmarks.harness import arguments, bench_env, table, with_kvd_allocator, write_section
 from benchmarks.setups import SETUPS
-from kvd.rundir import read_metrics
+from kvd.run.rundir import read_metrics
 
 WARMUP = 2
 CHILD_TIMEOUT_S = 900

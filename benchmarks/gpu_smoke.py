@@ -105,9 +105,9 @@ def smoke_setup(name: str, device: torch.device, precision: str) -> dict[str, An
 
 def plan_step_mb(data: dict[str, Any]) -> float:
     """The plan's step bytes over the built run (tensors, no CUDA line), MiB."""
-    from kvd.memory_plan import memory_plans
-    from kvd.plan import Choices, spec_plan, spec_sources
-    from kvd.spec import parse_spec
+    from kvd.shapes.memory_plan import memory_plans
+    from kvd.shapes.plan import Choices, spec_plan, spec_sources
+    from kvd.spec.runspec import parse_spec
 
     spec = parse_spec(data, base_dir=ROOT)
     plan = spec_plan(spec_sources(spec, "setup"), Choices.from_spec(spec))

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
+from kvd.core.runtime import setup_runtime
+from kvd.core.types import TokenBatch
 from kvd.data.packing import BatchStream
-from kvd.runtime import setup_runtime
-from kvd.spec import parse_spec
-from kvd.tokenize import tokenize
-from kvd.train import Trainer
-from kvd.types import TokenBatch
+from kvd.data.tokenize import tokenize
+from kvd.run.train import Trainer
+from kvd.spec.runspec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -387,7 +387,7 @@ def peak_memory(setup: str, mode: str, steps: int, device: str) -> Peak:
 
 def bench_env() -> dict[str, str]:
     """This process's environment for a child, with mimalloc preloaded as `kvd` runs."""
-    from kvd.allocator import preload_env
+    from kvd.core.allocator import preload_env
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -481,7 +481,7 @@ def arguments(description: str, repeats: int = 8) -> argparse.Namespace:
 
 def with_kvd_allocator(module: str) -> None:
     """Re-execute `python -m MODULE` with mimalloc preloaded, as the `kvd` command does."""
-    from kvd.allocator import reexec_with_mimalloc
+    from kvd.core.allocator import reexec_with_mimalloc
 
     reexec_with_mimalloc(sys.argv[1:], module=module)
 

@@ -90,9 +90,9 @@ def child(setup: str, steps: int, device: str, out: Path) -> None:
     """One rank: the plan's estimate, the built run's weights, the steps' peak over the
     resident set after building."""
     from benchmarks.setups import SETUPS
-    from kvd.memory_plan import memory_plans
-    from kvd.plan import Choices, spec_plan, spec_sources
-    from kvd.spec import parse_spec
+    from kvd.shapes.memory_plan import memory_plans
+    from kvd.shapes.plan import Choices, spec_plan, spec_sources
+    from kvd.spec.runspec import parse_spec
 
     data = SETUPS[setup]()
     spec = parse_spec(data, base_dir=ROOT)

@@ -1,4 +1,4 @@
-"""Where a kvd step's time goes: the step's phases (kvd/phases.py) under torch.profiler.
+"""Where a kvd step's time goes: the step's phases (kvd/core/phases.py) under torch.profiler.
 
     python -m benchmarks.phases [--smoke] [--repeats N] [--device cuda] [--setups a,b]
 
@@ -32,7 +32,7 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.setups import SETUPS
-from kvd.phases import PREFIX
+from kvd.core.phases import PREFIX
 
 
 def tree(events: list[FunctionEvent]) -> list[tuple[int, str]]:
@@ -147,7 +147,7 @@ def main() -> None:
         top = max(inner, key=lambda p: r["host_ms"][p])
         print(f"{name}: step {step_ms:.0f} ms profiled; largest inner phase {top}")
     body = (
-        "Per phase of the kvd step (kvd/phases.py), under torch.profiler: host wall time in "
+        "Per phase of the kvd step (kvd/core/phases.py), under torch.profiler: host wall time in "
         "the range per step (on CUDA also its kernels' device time), its share of the profiled "
         "step, and the torch operators it dispatched per step. Nested phases are indented; a "
         "parent's time includes its children's; backward is one phase (autograd runs outside "

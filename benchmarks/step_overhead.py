@@ -31,7 +31,7 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.setups import SETUPS
-from kvd.allocator import ENV as ALLOCATOR_ENV
+from kvd.core.allocator import ENV as ALLOCATOR_ENV
 
 STEP_TARGET = 1.10
 MEMORY_TARGET = 1.15

@@ -28,8 +28,8 @@ from benchmarks.harness import (
     write_section,
 )
 from benchmarks.setups import SETUPS
-from kvd.progress import Progress
-from kvd.teacher_cache import CacheWriter
+from kvd.core.progress import Progress
+from kvd.step.teacher_cache import CacheWriter
 
 BUILD_TARGET = 1.2
 STEP_TARGET = 1.5

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "docs" / "spec-reference.md"
 
-# Where each component kind is named in a spec (the kinds of kvd.hookspecs.KINDS that a spec
+# Where each component kind is named in a spec (the kinds of kvd.core.hookspecs.KINDS that a spec
 # uses; `commands` are CLI commands, not spec components).
 KIND_SECTIONS: dict[str, tuple[str, str]] = {
     "models": ("Model sources", "`source:` of each `teachers[]` entry and of `student`"),
@@ -310,15 +310,15 @@ def model_defaults(model: type[BaseModel] | None) -> dict[str, Any]:
 
 
 def spec_sections(schema: dict[str, Any]) -> list[str]:
-    import kvd.spec
+    import kvd.spec.runspec
 
     order, used = locations(schema)
     lines = ["## Top level", ""]
     lines += [escape(one_line(schema.get("description", ""))), ""]
-    lines += section_body(schema, getattr(kvd.spec, schema.get("title", ""), None))
+    lines += section_body(schema, getattr(kvd.spec.runspec, schema.get("title", ""), None))
     for name in order:
         node = schema["$defs"][name]
-        model = getattr(kvd.spec, name, None)
+        model = getattr(kvd.spec.runspec, name, None)
         lines += ["", f"## {name}", ""]
         lines += ["Used at: " + ", ".join(f"`{u}`" for u in used[name]) + ".", ""]
         if node.get("description"):
@@ -344,8 +344,8 @@ def section_body(node: dict[str, Any], model: type[BaseModel] | None) -> list[st
 
 
 def component_sections() -> list[str]:
-    from kvd.component import config_class
-    from kvd.manager import load_plugins
+    from kvd.core.component import config_class
+    from kvd.core.manager import load_plugins
 
     plugins = load_plugins(entry_points=False)
     lines = [
@@ -380,7 +380,7 @@ def component_sections() -> list[str]:
 
 def render() -> str:
     """The whole reference as markdown."""
-    from kvd.spec import json_schema
+    from kvd.spec.runspec import json_schema
 
     lines = [HEADER.rstrip("\n"), ""]
     lines += spec_sections(json_schema())

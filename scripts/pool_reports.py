@@ -23,7 +23,7 @@ from typing import Any
 
 from scipy import stats as scipy_stats
 
-from kvd.stats import bootstrap_ci, holm, summarize, welch
+from kvd.study.stats import bootstrap_ci, holm, summarize, welch
 
 SAME = (
     "name",

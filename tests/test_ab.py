@@ -11,16 +11,16 @@ import pytest
 import torch
 import yaml
 
-from kvd.ab import plan, version_label
-from kvd.build import load_model
 from kvd.cli.app import main
+from kvd.core.errors import KvdError
 from kvd.data import SplitManifest, write_manifest
-from kvd.distill import kv_parts
-from kvd.errors import KvdError
+from kvd.data.tokenize import tokenize
 from kvd.losses.kv import KVMSELoss
-from kvd.rundir import code_version, read_metrics
-from kvd.spec import parse_spec
-from kvd.tokenize import tokenize
+from kvd.run.rundir import code_version, read_metrics
+from kvd.sources.build import load_model
+from kvd.spec.runspec import parse_spec
+from kvd.step.distill import kv_parts
+from kvd.study.ab import plan, version_label
 from tests.specs import local_mc_task, tiny_spec
 
 SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build

@@ -19,8 +19,8 @@ from kvd.align.layers import (
     UniformLayerAligner,
     select_student_layers,
 )
-from kvd.errors import PlanError
-from kvd.manager import load_plugins
+from kvd.core.errors import PlanError
+from kvd.core.manager import load_plugins
 
 
 def uniform(**options: object) -> UniformLayerAligner:

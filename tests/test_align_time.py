@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kvd.align.base import TokenAligner
 from kvd.align.time import ResampleAligner, SegmentResampleAligner, linear_index
-from kvd.tokenize import tokenize
-from kvd.types import TokenBatch
+from kvd.core.types import TokenBatch
+from kvd.data.tokenize import tokenize
 from tests.test_align_tokens import (
     BOS,
     MAX_LENGTH,

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from kvd.align.base import TokenAligner
 from kvd.align.tokens import HardTokenAligner, SoftTokenAligner
-from kvd.tokenize import tokenize
-from kvd.types import TokenAlignment, TokenBatch
+from kvd.core.types import TokenAlignment, TokenBatch
+from kvd.data.tokenize import tokenize
 
 TEXTS = ["Hello  wörld, café 中文字 😀👍🏽 end.", "def f():\n\treturn 1", "x", ""]
 OFFLINE = ["byte_bpe", "piece_bpe", "chars", "words"]

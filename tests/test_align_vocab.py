@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from kvd.align.tokens import next_token_alignment
 from kvd.align.vocab import FLOOR, FirstTokenVocab, TopK, VocabMap, first_token_index
-from kvd.tokenize import tokenize
+from kvd.data.tokenize import tokenize
 from tests.test_align_tokens import (
     BOS,
     MAX_LENGTH,

@@ -84,3 +84,30 @@ def test_the_import_graph_has_no_cycle() -> None:
     for m in sorted(graph):
         visit(m, [])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_the_public_paths_are_the_same_objects_as_their_homes() -> None:
+    """`from kvd.errors import KvdError` (plugins, docs) gives the very object kvd raises."""
+    import importlib
+
+    homes = {
+        "errors": "core.errors",
+        "hookspecs": "core.hookspecs",
+        "manager": "core.manager",
+        "component": "core.component",
+        "types": "core.types",
+        "models": "spec.models",
+        "geometry": "spec.geometry",
+    }
+    layer = layers()
+    assert {n for n, i in layer.items() if i == max(layer.values())} == set(homes)
+    for public, home in homes.items():
+        shim, real = (
+            importlib.import_module(f"kvd.{public}"),
+            importlib.import_module(f"kvd.{home}"),
+        )
+        names = [n for n in vars(real) if not n.startswith("_")]
+        assert names and all(getattr(shim, n) is getattr(real, n) for n in names), public
+    spec = importlib.import_module("kvd.spec")
+    runspec = importlib.import_module("kvd.spec.runspec")
+    assert all(getattr(spec, n) is getattr(runspec, n) for n in spec.__all__)

@@ -12,9 +12,9 @@ import torch
 import transformers as tf
 
 from kvd.align.rope import Unrotate
-from kvd.assemble import checkpoint_activations
-from kvd.capture import Capture, capture_kv, unpack_rows
-from kvd.rotary import layer_tables, position_ids, rotate
+from kvd.modeling.capture import Capture, capture_kv, unpack_rows
+from kvd.modeling.rotary import layer_tables, position_ids, rotate
+from kvd.run.assemble import checkpoint_activations
 
 B, T, LAYERS = 2, 12, 4
 SIZES: dict[str, Any] = dict(

@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from kvd.cli.app import main
-from kvd.geometry import ModelGeometry
-from kvd.presets import read_preset
-from kvd.probe import compare_cache
+from kvd.shapes.probe import compare_cache
 from kvd.sources.preset import PresetSource
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.presets import read_preset
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ no third-party progress bars, and what is skipped said once."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,26 @@ def test_shell_completion_of_commands() -> None:
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"kvd {kvd.__version__}"
+
+
+def test_the_command_reexecutes_with_mimalloc_and_imports_this_kvd(tmp_path: Path) -> None:
+    """`python -m kvd.cli` replaces itself once by a process with mimalloc preloaded; that
+    process must import this kvd and the standard library, from any working directory (a kvd
+    folder on its path would shadow `types` with kvd/types.py and stop Python at start-up)."""
+    from kvd.core.allocator import mimalloc_library
+
+    assert mimalloc_library() is not None  # a dependency on Linux: the re-exec path is taken
+    env = {k: v for k, v in os.environ.items() if k not in ("KVD_ALLOCATOR", "LD_PRELOAD")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"kvd {kvd.__version__}"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvd.cli.app import main
-from kvd.spec import parse_spec
-from kvd.train import train
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build

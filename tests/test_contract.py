@@ -14,17 +14,17 @@ from torch import Tensor, nn
 
 from kvd.align import HardTokenAligner
 from kvd.align.rope import KeepRotated
-from kvd.component import ComponentConfig
+from kvd.core.component import ComponentConfig
+from kvd.core.hookspecs import KINDS
+from kvd.core.manager import Plugins, load_plugins
+from kvd.core.types import KVBundle, KVShape, TokenAlignment, TokenBatch
 from kvd.fusion import Fusion, FusionInput, FusionOutput, MeanFusion, SimilarityFusion
-from kvd.geometry import ModelGeometry
-from kvd.hookspecs import KINDS
 from kvd.losses import KVMSELoss, Loss, LossInputs
-from kvd.manager import Plugins, load_plugins
 from kvd.project import Projector
 from kvd.sources.tiny import TinySource, random_model
+from kvd.spec.geometry import ModelGeometry
 from kvd.testing import ContractError, check_component, fusion_input, kv_bundle, tiny_causal_lm
 from kvd.testing import tiny_lm_config as lm_config
-from kvd.types import KVBundle, KVShape, TokenAlignment, TokenBatch
 from tests.conftest import write_tiny_gguf
 
 BUILTINS = load_plugins(entry_points=False)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.manager import ALLOWLIST_ENV, ENTRY_POINT_GROUP, allow_key, reset_plugins
+from kvd.core.manager import ALLOWLIST_ENV, ENTRY_POINT_GROUP, allow_key, reset_plugins
 from kvd.testing import tiny_causal_lm, tiny_lm_config
 
 ROOT = Path(__file__).resolve().parent.parent

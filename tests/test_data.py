@@ -21,6 +21,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from kvd.core.errors import KvdError
+from kvd.core.manager import load_plugins
 from kvd.data import (
     BatchStream,
     DataLeakageError,
@@ -41,10 +43,8 @@ from kvd.data import (
 from kvd.data.files import TextFilesSource
 from kvd.data.packing import count_tokens
 from kvd.data.stdlib import MODULES, StdlibSource
-from kvd.errors import KvdError
-from kvd.manager import load_plugins
-from kvd.spec import DataRef
-from kvd.tokenize import tokenize
+from kvd.data.tokenize import tokenize
+from kvd.spec.runspec import DataRef
 
 # --- tokenizers ------------------------------------------------------------------------------
 

@@ -9,15 +9,15 @@ import torch
 
 from kvd.align.base import LayerAligner, TokenAligner
 from kvd.align.rope import RopeAligner
-from kvd.calibrate import layer_calibration
-from kvd.curriculum import Curriculum, LossTerm, Stage
-from kvd.distill import DistillModel, build_distill_model
-from kvd.manager import registry
-from kvd.models import LoadedModel
+from kvd.core.manager import registry
+from kvd.data.tokenize import tokenize
+from kvd.sources.calibrate import layer_calibration
 from kvd.sources.tiny import TinySource
-from kvd.spec import ProjectorRef
-from kvd.targets import TeacherRuntime, teacher_targets
-from kvd.tokenize import tokenize
+from kvd.spec.models import LoadedModel
+from kvd.spec.runspec import ProjectorRef
+from kvd.step.curriculum import Curriculum, LossTerm, Stage
+from kvd.step.distill import DistillModel, build_distill_model
+from kvd.step.targets import TeacherRuntime, teacher_targets
 from tests.specs import LLAMA_TEACHER, QWEN_TEACHER, STUDENT
 
 TEXTS = ["Return the sum of a and b.", "A class that holds a dict of pending tasks, in order."]

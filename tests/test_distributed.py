@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvd.rundir import read_metrics
+from kvd.run.rundir import read_metrics
 from tests.specs import tiny_spec
 
 TOLERANCE = 0.005

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kvd import hookspecs
-from kvd.component import config_class
-from kvd.manager import ALLOWLIST_ENV, load_plugins, reset_plugins
+from kvd.core import hookspecs
+from kvd.core.component import config_class
+from kvd.core.manager import ALLOWLIST_ENV, load_plugins, reset_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -245,7 +245,7 @@ def yaml_blocks(text: str) -> list[str]:
 
 @pytest.mark.usefixtures("builtin_plugins_only")
 def test_spec_examples_validate() -> None:
-    from kvd.spec import parse_spec
+    from kvd.spec.runspec import parse_spec
 
     specs = []
     for doc in sorted(DOCS.glob("*.md")):

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.cloze import build_items, cut
 from kvd.data import SplitManifest, write_manifest
-from kvd.eval_texts import in_part
-from kvd.spec import parse_spec
-from kvd.train import train
+from kvd.eval.cloze import build_items, cut
+from kvd.eval.eval_texts import in_part
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 

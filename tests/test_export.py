@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvd.spec import parse_spec
-from kvd.train import train
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import STUDENT, tiny_spec
 
 ROOT = Path(__file__).resolve().parent.parent

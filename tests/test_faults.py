@@ -17,10 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from kvd.checkpoint import list_checkpoints, verify
 from kvd.cli.app import main
-from kvd.rundir import read_metrics, truncate_metrics
-from kvd.runtime import PreemptionFlag
+from kvd.core.runtime import PreemptionFlag
+from kvd.run.checkpoint import list_checkpoints, verify
+from kvd.run.rundir import read_metrics, truncate_metrics
 from tests.specs import tiny_spec
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
@@ -147,7 +147,7 @@ def test_preemption_flag_records_sigusr1_and_restores_handlers() -> None:
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import kvd.checkpoint
+    import kvd.run.checkpoint
 
     real_save = torch.save
     calls = {"n": 0}
@@ -158,7 +158,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
             raise OSError(28, "No space left on device")
         real_save(obj, path)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(kvd.checkpoint.torch, "save", failing_save)
+    monkeypatch.setattr(kvd.run.checkpoint.torch, "save", failing_save)
     data = tiny_spec(tmp_path / "run")
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
@@ -167,7 +167,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     assert "No space left on device" in err and "previous checkpoints are intact" in err
     valid, _ = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [c.step for c in valid] == [2] and verify(valid[0].path) is None
-    monkeypatch.setattr(kvd.checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(kvd.run.checkpoint.torch, "save", real_save)
     assert main(["train", str(spec)]) == 0  # resumes from step 2
     steps = sorted(
         r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss/total" in r
@@ -178,7 +178,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
 def test_nonfinite_steps_are_skipped_then_stop_with_a_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kvd.distill import DistillModel
+    from kvd.step.distill import DistillModel
 
     real = DistillModel.forward
     calls = {"n": 0}
@@ -296,7 +296,7 @@ def test_tied_weights_are_stored_once_and_loaded_tied(tmp_path: Path) -> None:
     tied."""
     import transformers as tf
 
-    from kvd.checkpoint import load_checkpoint, save_checkpoint
+    from kvd.run.checkpoint import load_checkpoint, save_checkpoint
 
     config = tf.LlamaConfig(
         vocab_size=512,
@@ -329,7 +329,7 @@ def test_one_writer_per_run_dir_and_a_dead_holder_never_blocks(tmp_path: Path) -
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run")))
     hold = (
-        "import sys, time; from pathlib import Path; from kvd.rundir import RunLock; "
+        "import sys, time; from pathlib import Path; from kvd.run.rundir import RunLock; "
         "RunLock.acquire(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(
@@ -385,7 +385,7 @@ def test_a_full_disk_at_the_final_save_leaves_no_half_student(
 def test_json_written_by_kvd_is_strict_json() -> None:
     """results.json, eval results and reports hold null where a metric is not finite (Python's
     json would write NaN, which is not JSON)."""
-    from kvd.files import json_text
+    from kvd.core.files import json_text
 
     text = json_text({"bpb": float("nan"), "curve": [1.0, float("inf"), -float("inf")], "n": 3})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == {

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
+from kvd.core.manager import load_plugins
+from kvd.core.types import KVShape
 from kvd.fusion import Fusion, FusionInput, fuse, fused_mask, routing_entropy
-from kvd.manager import load_plugins
-from kvd.types import KVShape
 
 PLUGINS = load_plugins(entry_points=False)
 FUSIONS = PLUGINS.registry("fusions")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from kvd.errors import KvdError
-from kvd.geometry import (
+from kvd.core.errors import KvdError
+from kvd.sources.byte_tokenizer import byte_tokenizer, byte_tokenizer_facts
+from kvd.spec.geometry import (
     FULL,
     SLIDING,
     TokenizerFacts,
@@ -17,9 +18,8 @@ from kvd.geometry import (
     read_hf_dir,
     tokens_fingerprint,
 )
-from kvd.gguf_header import read_gguf
-from kvd.presets import load_preset, preset_names, read_preset
-from kvd.sources.byte_tokenizer import byte_tokenizer, byte_tokenizer_facts
+from kvd.spec.gguf_header import read_gguf
+from kvd.spec.presets import load_preset, preset_names, read_preset
 from tests.conftest import write_tiny_gguf
 
 TINY_LLAMA = {

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.compare import compare_groups
-from kvd.eval_texts import run_spec
-from kvd.runs import Group, Member
+from kvd.eval.eval_texts import run_spec
+from kvd.study.compare import compare_groups
+from kvd.study.runs import Group, Member
 from tests.specs import MC_ITEMS, local_mc_task, tiny_spec
 
 
@@ -69,7 +69,7 @@ def test_an_unknown_task_is_named_before_any_model_loads(
 def test_without_the_harness_the_error_says_what_to_install(
     run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kvd.harness import task_manager
+    from kvd.eval.harness import task_manager
 
     task_manager.cache_clear()
     monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as if not installed

@@ -1,5 +1,5 @@
-"""The output head as data (kvd.head): the logits of real transformers models from their last
-hidden states, soft-capping included."""
+"""The output head as data (kvd.modeling.head): the logits of real transformers models from their
+last hidden states, soft-capping included."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers as tf
 
-from kvd.capture import capture_kv
-from kvd.head import OutputHead
+from kvd.modeling.capture import capture_kv
+from kvd.modeling.head import OutputHead
 
 SIZES = dict(
     vocab_size=64,

@@ -14,11 +14,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
+from kvd.core.runtime import Runtime
+from kvd.data.tokenize import tokenize
 from kvd.integrations.hf import KVDistillTrainer
-from kvd.runtime import Runtime
-from kvd.spec import parse_spec
-from kvd.tokenize import tokenize
-from kvd.train import Trainer as KvdTrainer
+from kvd.run.train import Trainer as KvdTrainer
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 
@@ -78,8 +78,10 @@ def test_a_trainer_step_gives_kvds_loss_and_gradients_on_the_same_batch(tmp_path
     )
     assert torch.equal(batch.input_ids, inputs["input_ids"])
     assert inputs["attention_mask"].sum() > 0
-    kvd.curriculum.set_step(0)
-    targets = kvd.teacher_side.targets(kvd.curriculum.stage, inputs["texts"], batch, step=0)
+    kvd.step.curriculum.set_step(0)
+    targets = kvd.step.teacher_side.targets(
+        kvd.step.curriculum.stage, inputs["texts"], batch, step=0
+    )
     task = kvd.data.tasks.ids(inputs["tasks"])
     out = kvd.model(batch.input_ids, batch.attention_mask, targets, task)
     out.total.backward()

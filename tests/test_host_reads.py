@@ -15,9 +15,9 @@ from benchmarks.setups import smoke
 STEPS = 2
 ALLOWED = {
     # (reads per step at most, why)
-    "kvd/train.py:train_step": (2, "the NaN guard before the update; the host mask's tokens"),
-    "kvd/train.py:_check_weights": (1, "a non-finite weight stops the run before a save"),
-    "kvd/types.py:keeps_rows": (None, "reads the alignment's host copy (TokenAlignment.to)"),
+    "kvd/run/train.py:train_step": (2, "the NaN guard before the update; the host mask's tokens"),
+    "kvd/run/train.py:_check_weights": (1, "a non-finite weight stops the run before a save"),
+    "kvd/core/types.py:keeps_rows": (None, "reads the alignment's host copy (TokenAlignment.to)"),
     "kvd/losses/rowwise.py:softmax_lse": (None, "CPU only; elsewhere lse_by_rows reads nothing"),
 }
 
@@ -34,4 +34,4 @@ def test_a_step_reads_device_values_only_where_it_must() -> None:
     for where, (most, why) in ALLOWED.items():
         if most is not None:
             assert ours[where] <= most * STEPS, f"{where}: {ours[where]} reads ({why})"
-    assert ours["kvd/train.py:train_step"] >= STEPS  # the counter sees the guard's read
+    assert ours["kvd/run/train.py:train_step"] >= STEPS  # the counter sees the guard's read

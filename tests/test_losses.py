@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
+from kvd.core.manager import load_plugins
+from kvd.core.types import KVShape
 from kvd.losses import Loss, masked_mean, rowwise
 from kvd.losses.base import keep
-from kvd.manager import load_plugins
-from kvd.nll import next_token_nll
-from kvd.types import KVShape
+from kvd.modeling.nll import next_token_nll
 
 PLUGINS = load_plugins(entry_points=False)
 LOSSES = PLUGINS.registry("losses")

@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.memory_plan import WEIGHT_LINES, tensor_peak_mb
 from kvd.cli.app import main
-from kvd.errors import KvdError
-from kvd.memory_plan import MemoryPlan, memory_plans, model_size, parse_size
-from kvd.plan import Choices, spec_plan, spec_sources
-from kvd.presets import read_preset
-from kvd.runtime import setup_runtime
-from kvd.spec import RunSpec, parse_spec
-from kvd.train import Trainer
+from kvd.core.errors import KvdError
+from kvd.core.runtime import setup_runtime
+from kvd.run.train import Trainer
+from kvd.shapes.memory_plan import MemoryPlan, memory_plans, model_size, parse_size
+from kvd.shapes.plan import Choices, spec_plan, spec_sources
+from kvd.spec.presets import read_preset
+from kvd.spec.runspec import RunSpec, parse_spec
 from tests.specs import tiny_spec
 
 MiB = 2**20

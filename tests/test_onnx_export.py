@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kvd.cli.app import main
-from kvd.onnx_export import TOLERANCE, check_onnx, io_names
-from kvd.spec import parse_spec
-from kvd.train import train
+from kvd.run.onnx_export import TOLERANCE, check_onnx, io_names
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:\n"
@@ -103,7 +103,7 @@ def test_graph_names_follow_the_decoder_layout(exported: Path) -> None:
 def test_missing_onnx_extra_names_the_install(
     exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    monkeypatch.setattr("kvd.onnx_export.NEEDS", ("onnx", "kvd_no_such_package"))
+    monkeypatch.setattr("kvd.run.onnx_export.NEEDS", ("onnx", "kvd_no_such_package"))
     run = exported.parent / "run"
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

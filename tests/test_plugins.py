@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 
 from kvd.cli.app import main
-from kvd.errors import DuplicateComponentError, UnknownComponentError
-from kvd.hookspecs import KINDS
-from kvd.manager import BUILTIN_PLUGINS, load_plugins, reset_plugins
-from kvd.registry import Registry
+from kvd.core.errors import DuplicateComponentError, UnknownComponentError
+from kvd.core.hookspecs import KINDS
+from kvd.core.manager import BUILTIN_PLUGINS, load_plugins, reset_plugins
+from kvd.core.registry import Registry
 from tests.plugin_fixtures import install_fake_plugin
 
 FUSION_PLUGIN = """
     import torch
-    from kvd.hookspecs import hookimpl
+    from kvd.core.hookspecs import hookimpl
 
     class ZeroFusion(torch.nn.Module):
         '''A fusion from a third-party package.'''
@@ -125,7 +125,7 @@ def test_misspelt_hook_fails_loudly_without_breaking_others(
         dist="kvd-typo",
         module="kvd_typo_plugin",
         source="""
-            from kvd.hookspecs import hookimpl
+            from kvd.core.hookspecs import hookimpl
 
             @hookimpl
             def register_fusion(register):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kvd.stats import holm, welch
+from kvd.study.stats import holm, welch
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from kvd.errors import PlanError
-from kvd.manager import load_plugins
+from kvd.core.errors import PlanError
+from kvd.core.manager import load_plugins
+from kvd.core.types import KVShape
 from kvd.project import HeadsProjector, KVProjector, Projector, overlap_mixing
-from kvd.types import KVShape
 
 PROJECTORS = load_plugins(entry_points=False).registry("projectors")
 NAMES = ["identity", "head_dim", "heads", "head_dim_then_heads", "linear", "elastic_bottleneck"]

@@ -11,9 +11,9 @@ import torch
 import transformers as tf
 
 from kvd.align.rope import KeepRotated, Unrotate
-from kvd.manager import registry
-from kvd.rotary import layer_tables, position_ids, rotary_tables, rotate, unrotate
-from kvd.types import KVBundle
+from kvd.core.manager import registry
+from kvd.core.types import KVBundle
+from kvd.modeling.rotary import layer_tables, position_ids, rotary_tables, rotate, unrotate
 
 SIZES: dict[str, Any] = dict(
     vocab_size=64,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from kvd.assemble import checkpoint_activations
-from kvd.runtime import resolve_device
+from kvd.core.runtime import resolve_device
+from kvd.run.assemble import checkpoint_activations
 
 
 def test_cuda_without_an_index_is_this_process_gpu() -> None:

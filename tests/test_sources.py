@@ -10,11 +10,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvd.errors import KvdError
-from kvd.files import atomic_path
-from kvd.geometry import FULL, SLIDING
-from kvd.gguf_header import read_gguf
-from kvd.manager import registry
+from kvd.core.errors import KvdError
+from kvd.core.files import atomic_path
+from kvd.core.manager import registry
+from kvd.data.tokenize import tokenize
 from kvd.sources.byte_tokenizer import VOCAB_SIZE
 from kvd.sources.gguf_file import GgufSource, converted_dir, model_from_gguf
 from kvd.sources.hf import HfSource
@@ -22,7 +21,8 @@ from kvd.sources.preset import PresetSource
 from kvd.sources.pypi import PypiSource
 from kvd.sources.resolve import resolve_model
 from kvd.sources.tiny import TinySource
-from kvd.tokenize import tokenize
+from kvd.spec.geometry import FULL, SLIDING
+from kvd.spec.gguf_header import read_gguf
 from tests.specs import STUDENT
 
 CPU = torch.device("cpu")
@@ -250,7 +250,7 @@ def test_real_teacher_loads_and_cache_matches_gguf(
 ) -> None:
     """The cached safetensors model gives the GGUF-loaded model's logits; geometry from the
     header equals the geometry of the loaded model's config."""
-    from kvd.geometry import geometry_from_config
+    from kvd.spec.geometry import geometry_from_config
 
     source = PypiSource(PypiSource.Config(**options))
     loaded = source.load(device=CPU, dtype=torch.float32)
@@ -269,6 +269,6 @@ def test_real_teacher_loads_and_cache_matches_gguf(
 
 
 def _facts(g: object) -> object:
-    from kvd.geometry import TokenizerFacts
+    from kvd.spec.geometry import TokenizerFacts
 
     return TokenizerFacts(g.tokenizer_family, g.tokenizer_hash, g.adds_bos)  # type: ignore[attr-defined]

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.errors import KvdError, SpecError
-from kvd.spec import apply_overrides, load_spec, parse_spec
+from kvd.core.errors import KvdError, SpecError
+from kvd.spec.runspec import apply_overrides, load_spec, parse_spec
 from tests.specs import tiny_spec
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvd.compare import compare_groups, differences
-from kvd.runs import Group, Member
-from kvd.stats import bootstrap_ci, holm, summarize, welch, wilcoxon
+from kvd.study.compare import compare_groups, differences
+from kvd.study.runs import Group, Member
+from kvd.study.stats import bootstrap_ci, holm, summarize, welch, wilcoxon
 
 
 def test_summary() -> None:

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from kvd.cli.app import main
-from kvd.rundir import MetricsLog, read_metrics
-from kvd.spec import parse_spec
-from kvd.trackers import flat_params, open_trackers
-from kvd.train import train
+from kvd.run.rundir import MetricsLog, read_metrics
+from kvd.run.trackers import flat_params, open_trackers
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 
@@ -89,7 +89,9 @@ def test_a_restarted_run_continues_its_tracker_runs(tmp_path: Path) -> None:
 def test_a_missing_tracker_package_stops_the_run_before_it_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(__import__("kvd.trackers").trackers.PACKAGES, "mlflow", "kvd_no_such")
+    monkeypatch.setitem(
+        __import__("kvd.run.trackers").run.trackers.PACKAGES, "mlflow", "kvd_no_such"
+    )
     data = tiny_spec(tmp_path / "run")
     data["output"]["trackers"] = ["mlflow"]
     spec = tmp_path / "spec.yaml"

@@ -11,12 +11,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from kvd.checkpoint import load_checkpoint
 from kvd.cli.app import main
-from kvd.rundir import read_metrics
-from kvd.runtime import setup_runtime
-from kvd.spec import parse_spec
-from kvd.train import train
+from kvd.core.runtime import setup_runtime
+from kvd.run.checkpoint import load_checkpoint
+from kvd.run.rundir import read_metrics
+from kvd.run.train import train
+from kvd.spec.runspec import parse_spec
 from tests.specs import tiny_spec
 
 
@@ -347,7 +347,7 @@ def test_cache_keeps_logits_of_a_teacher_whose_head_differs(
 ) -> None:
     """A head that does not give the teacher's logits bit for bit is not used: the cache
     stores that teacher's aligned logits, as before."""
-    from kvd.head import OutputHead
+    from kvd.modeling.head import OutputHead
 
     real = OutputHead.__call__
     monkeypatch.setattr(OutputHead, "__call__", lambda self, h: real(self, h) * 1.001)
@@ -384,7 +384,7 @@ def test_teachers_without_a_kv_loss_yield_no_kv(
 ) -> None:
     """With no loss reading K/V, teachers record and align none (the work is skipped), and a
     cache built so is refused by a run that distils K/V."""
-    from kvd.train import Trainer
+    from kvd.run.train import Trainer
 
     data = tiny_spec(tmp_path / "run")
     data["losses"] = [{"name": "ce"}, {"name": "uld"}]
@@ -416,8 +416,8 @@ def test_grad_accum_and_max_tokens(tmp_path: Path) -> None:
 
 
 def test_saved_student_keeps_its_bos_behaviour(finished: Path) -> None:
-    from kvd.geometry import read_hf_dir
     from kvd.sources.tiny import TinySource
+    from kvd.spec.geometry import read_hf_dir
     from tests.specs import STUDENT
 
     trained_with = TinySource(TinySource.Config(config=STUDENT)).geometry().adds_bos
@@ -429,7 +429,7 @@ def test_cache_writer_error_surfaces_and_leaves_no_manifest(
 ) -> None:
     """Steps are written on a background thread; a failed write (disk full) is raised in the
     caller and the cache stays incomplete (no manifest), so no run can read it."""
-    import kvd.teacher_cache as tc
+    import kvd.step.teacher_cache as tc
 
     calls = {"n": 0}
     real = tc.save_file
@@ -454,8 +454,8 @@ def test_append_eos_trains_the_eos_with_ce_and_aligns_no_teacher_to_it(tmp_path:
     """data.append_eos: a document's last window ends with the student's EOS; the student
     sees it (a real token, the last: CE predicts it), every teacher's target is masked there,
     and a run trains to the end with it."""
-    from kvd.runtime import Runtime
-    from kvd.train import Trainer
+    from kvd.core.runtime import Runtime
+    from kvd.run.train import Trainer
 
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     lines = [{"text": f"{i}: " + " ".join(words[i % 8 :] + words[: i % 8])} for i in range(40)]
@@ -492,8 +492,8 @@ def test_a_step_reads_the_device_only_at_its_guards_whatever_it_logs(tmp_path: P
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from kvd.runtime import Runtime
-    from kvd.train import Trainer
+    from kvd.core.runtime import Runtime
+    from kvd.run.train import Trainer
 
     losses = [{"name": "ce", "weight": 0.5}, {"name": "uld", "weight": 0.5}, {"name": "kv_mse"}]
     spec = parse_spec(tiny_spec(tmp_path / "run", losses=losses, fusion={"name": "learnable"}))

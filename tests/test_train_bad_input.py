@@ -97,12 +97,12 @@ def test_bad_input_exits_2_names_place_and_writes_nothing(
 def test_out_of_memory_names_the_model_and_batch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kvd.teacher_side
+    import kvd.step.teacher_side
 
     def oom(*args: object, **kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(kvd.teacher_side, "teacher_targets", oom)
+    monkeypatch.setattr(kvd.step.teacher_side, "teacher_targets", oom)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(tmp_path / "run")))
     assert main(["train", str(spec)]) == 2

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from kvd.component import ComponentConfig
-from kvd.types import TokenAlignment, TokenBatch
+from kvd.core.component import ComponentConfig
+from kvd.core.types import TokenAlignment, TokenBatch
 
 
 class Aligner:

@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from kvd.align.tokens import SoftTokenAligner
-from kvd.types import TokenAlignment, TokenBatch
+from kvd.core.types import TokenAlignment, TokenBatch
 
 
 class ShuffledTokenAligner(SoftTokenAligner):

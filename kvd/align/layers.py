@@ -14,8 +14,8 @@ from pydantic import Field, NonNegativeInt, field_validator
 
 from kvd.align.base import LayerAligner, LayerCalibration, LayerPlan
 from kvd.align.cka import cka_matrix, monotone_assignment
-from kvd.component import ComponentConfig
-from kvd.errors import PlanError
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import PlanError
 
 Selection = Literal["all", "shallow", "middle", "deep"] | list[NonNegativeInt]
 

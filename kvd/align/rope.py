@@ -20,8 +20,8 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from kvd.align.base import Aligner
-from kvd.rotary import layer_tables, position_ids, unrotate
-from kvd.types import KVBundle
+from kvd.core.types import KVBundle
+from kvd.modeling.rotary import layer_tables, position_ids, unrotate
 
 
 class RopeAligner(Aligner):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvd.types import TokenBatch
+from kvd.core.types import TokenBatch
 
 BEYOND = torch.iinfo(torch.long).max
 """A character position after every text (an 'open' bound)."""

@@ -15,8 +15,8 @@ import torch
 
 from kvd.align.base import TokenAligner
 from kvd.align.spans import BEYOND, Spans
-from kvd.component import ComponentConfig
-from kvd.types import TokenAlignment, TokenBatch
+from kvd.core.component import ComponentConfig
+from kvd.core.types import TokenAlignment, TokenBatch
 
 
 def linear_index(

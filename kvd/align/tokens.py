@@ -23,8 +23,8 @@ from pydantic import Field
 
 from kvd.align.base import TokenAligner
 from kvd.align.spans import Spans
-from kvd.component import ComponentConfig
-from kvd.types import TokenAlignment, TokenBatch
+from kvd.core.component import ComponentConfig
+from kvd.core.types import TokenAlignment, TokenBatch
 
 Fallback = Literal["last_causal", "mask"]
 

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kvd.align.base import Aligner
-from kvd.component import ComponentConfig
+from kvd.core.component import ComponentConfig
 
 FLOOR = 1e-30
 """Probability given to a student token that no teacher token maps to (log = -69): finite, so

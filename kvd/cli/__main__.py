@@ -2,8 +2,8 @@
 
 import sys
 
-from kvd.allocator import reexec_with_mimalloc
 from kvd.cli.app import main
+from kvd.core.allocator import reexec_with_mimalloc
 
 
 def entry() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from kvd.ab import execute, plan, plan_lines, rerun
-from kvd.errors import KvdError
-from kvd.report import terminal
+from kvd.core.errors import KvdError
+from kvd.study.ab import execute, plan, plan_lines, rerun
+from kvd.study.report import terminal
 
 
 def ab_command(

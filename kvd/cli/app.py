@@ -11,8 +11,8 @@ import typer
 
 import kvd
 from kvd.cli.errors import render_error, stderr
-from kvd.errors import KvdError
-from kvd.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
+from kvd.core.errors import KvdError
+from kvd.core.manager import ALLOWLIST_ENV, get_plugins, reset_plugins
 
 
 def build_app() -> typer.Typer:

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import typer
 
-from kvd.assemble import build_teacher_cache
 from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
-from kvd.curriculum import uses_teachers
-from kvd.errors import KvdError
-from kvd.progress import Progress
-from kvd.runtime import setup_runtime
-from kvd.spec import load_spec
-from kvd.teacher_cache import ensure_empty
+from kvd.core.errors import KvdError
+from kvd.core.progress import Progress
+from kvd.core.runtime import setup_runtime
+from kvd.run.assemble import build_teacher_cache
+from kvd.spec.runspec import load_spec
+from kvd.step.curriculum import uses_teachers
+from kvd.step.teacher_cache import ensure_empty
 
 
 def cache_teachers(

@@ -19,10 +19,9 @@ from rich.table import Table
 
 from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
-from kvd.errors import KvdError, PlanError
-from kvd.geometry import ModelGeometry
-from kvd.memory_plan import RUNTIME, MemoryItem, MemoryPlan, memory_plans, parse_size
-from kvd.plan import (
+from kvd.core.errors import KvdError, PlanError
+from kvd.shapes.memory_plan import RUNTIME, MemoryItem, MemoryPlan, memory_plans, parse_size
+from kvd.shapes.plan import (
     BF16,
     MILLION,
     Choices,
@@ -33,9 +32,10 @@ from kvd.plan import (
     spec_plan,
     spec_sources,
 )
-from kvd.presets import preset_names
-from kvd.probe import ProbeResult, probe_model
-from kvd.spec import RunSpec, load_spec
+from kvd.shapes.probe import ProbeResult, probe_model
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.presets import preset_names
+from kvd.spec.runspec import RunSpec, load_spec
 
 MODEL_HELP = (
     f"a preset ({', '.join(preset_names())}), an HF model dir, a .gguf file or pypi:PACKAGE."
@@ -200,7 +200,7 @@ def _print_memory(memory: list[MemoryPlan]) -> None:
         "total: what lives throughout, plus the larger of the teacher forward and the student "
         "step (activations, gradients, buckets, gather), which do not overlap; fsdp shards the "
         "teachers, the student's weights, gradients and optimizer state over the ranks. An "
-        "estimate (kvd.memory_plan; its measured error is in benchmarks/RESULTS.md)",
+        "estimate (kvd.shapes.memory_plan; its measured error is in benchmarks/RESULTS.md)",
         markup=False,
     )
 

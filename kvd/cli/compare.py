@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from kvd.compare import compare_groups, differences
-from kvd.errors import KvdError
-from kvd.report import show, terminal, write_report
-from kvd.runs import Group, expand
+from kvd.core.errors import KvdError
+from kvd.study.compare import compare_groups, differences
+from kvd.study.report import show, terminal, write_report
+from kvd.study.runs import Group, expand
 
 
 def unique_labels(groups: list[Group]) -> list[Group]:

@@ -7,7 +7,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from kvd.errors import KvdError, SpecError
+from kvd.core.errors import KvdError, SpecError
 
 # Logs and pipes get long lines rather than a table folded at 80 columns.
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)

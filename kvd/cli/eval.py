@@ -8,11 +8,11 @@ from typing import Any, cast, get_args
 import typer
 from rich.table import Table
 
-from kvd.errors import KvdError
-from kvd.eval_texts import Part
-from kvd.harness import run_harness
-from kvd.measure import EvalOptions, run_eval
-from kvd.report import terminal
+from kvd.core.errors import KvdError
+from kvd.eval.eval_texts import Part
+from kvd.eval.harness import run_harness
+from kvd.eval.measure import EvalOptions, run_eval
+from kvd.study.report import terminal
 
 
 def eval_command(

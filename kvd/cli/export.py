@@ -15,13 +15,13 @@ import torch
 import typer
 import yaml
 
-from kvd.build import load_model
-from kvd.checkpoint import list_checkpoints, load_checkpoint
 from kvd.cli.errors import stdout
-from kvd.errors import KvdError
-from kvd.eval_texts import is_run_dir, run_spec
-from kvd.export import write_student
-from kvd.onnx_export import require_onnx
+from kvd.core.errors import KvdError
+from kvd.eval.eval_texts import is_run_dir, run_spec
+from kvd.run.checkpoint import list_checkpoints, load_checkpoint
+from kvd.run.export import write_student
+from kvd.run.onnx_export import require_onnx
+from kvd.sources.build import load_model
 
 
 class Format(StrEnum):

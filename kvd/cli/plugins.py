@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from kvd.cli.errors import stdout
-from kvd.hookspecs import KINDS
-from kvd.manager import get_plugins
+from kvd.core.hookspecs import KINDS
+from kvd.core.manager import get_plugins
 
 
 def plugins(

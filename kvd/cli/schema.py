@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from kvd.spec import json_schema
+from kvd.spec.runspec import json_schema
 
 
 def schema() -> None:

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
-from kvd.spec import apply_overrides, load_spec, parse_spec, read_yaml
-from kvd.train import TrainResult, train
+from kvd.run.train import TrainResult, train
+from kvd.spec.runspec import apply_overrides, load_spec, parse_spec, read_yaml
 
 
 def _results_table(results: list[tuple[str, TrainResult]]) -> Table:

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from kvd.cli.errors import stdout
 from kvd.cli.options import set_option
-from kvd.errors import PlanError
-from kvd.plan import Choices, spec_plan, spec_sources
-from kvd.spec import component_refs, load_spec
+from kvd.core.errors import PlanError
+from kvd.shapes.plan import Choices, spec_plan, spec_sources
+from kvd.spec.runspec import component_refs, load_spec
 
 
 def validate(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvd.core.errors import KvdError
 from kvd.data.base import Document, TaskVocab, TextSource
 from kvd.data.packing import (
     Batch,
@@ -29,10 +30,9 @@ from kvd.data.split import (
     split_documents,
     write_manifest,
 )
-from kvd.errors import KvdError
 
 if TYPE_CHECKING:
-    from kvd.spec import DataRef
+    from kvd.spec.runspec import DataRef
 
 __all__ = [
     "Batch",

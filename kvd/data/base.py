@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvd.component import ComponentConfig
-from kvd.errors import KvdError
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kvd.component import ComponentConfig
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
 from kvd.data.base import Document, TextSource
-from kvd.errors import KvdError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 _BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n")

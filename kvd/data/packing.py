@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kvd.core.errors import KvdError
 from kvd.data.base import Document
-from kvd.errors import KvdError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from kvd.core.errors import KvdError
 from kvd.data.base import Document
-from kvd.errors import KvdError
 
 
 class DataLeakageError(KvdError):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from kvd.component import ComponentConfig
+from kvd.core.component import ComponentConfig
 from kvd.data.base import Document, TextSource
 
 Task = Literal["reference", "module_doc", "class_doc", "function_doc", "method_doc"]

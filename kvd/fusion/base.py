@@ -11,8 +11,8 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from kvd.component import ComponentConfig
-from kvd.errors import PlanError
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import PlanError
 from kvd.losses.base import keep, masked_mean
 
 

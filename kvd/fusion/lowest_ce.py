@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, FusionOutput
 
 

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
 from kvd.fusion.base import FusionInput, normalise
 from kvd.fusion.routed import RoutedFusion, RouterConfig
 

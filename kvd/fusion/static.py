@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
 from kvd.fusion.base import Fusion, FusionInput, FusionOutput, normalise
 
 

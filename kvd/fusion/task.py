@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
 from kvd.fusion.base import FusionInput
 from kvd.fusion.routed import RoutedFusion, RouterConfig
 

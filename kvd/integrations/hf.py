@@ -25,14 +25,14 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from kvd.assemble import assemble
+from kvd.core.runtime import Runtime
+from kvd.core.types import TokenBatch
 from kvd.data.packing import TextWindow
-from kvd.distill import DistillModel, StepOutput, build_distill_model, read_numbers
-from kvd.export import write_student
-from kvd.runtime import Runtime
-from kvd.spec import RunSpec
-from kvd.tokenize import tokenize
-from kvd.types import TokenBatch
+from kvd.data.tokenize import tokenize
+from kvd.run.assemble import assemble
+from kvd.run.export import write_student
+from kvd.spec.runspec import RunSpec
+from kvd.step.distill import DistillModel, StepOutput, build_distill_model, read_numbers
 
 
 class WindowDataset(Dataset[TextWindow]):
@@ -162,7 +162,7 @@ class KVDistillTrainer(Trainer):
         super().log(logs, start_time)
 
     def save_student(self, path: str | Path) -> None:
-        """The student alone as `kvd train` exports it (kvd.export.write_student): a plain HF
+        """The student alone as `kvd train` exports it (kvd.run.export.write_student): a plain HF
         model dir with its tokenizer and model card, no projectors; written on the main rank."""
         if not self.args.should_save:
             return

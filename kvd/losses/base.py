@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
-from kvd.component import ComponentConfig
+from kvd.core.component import ComponentConfig
 from kvd.losses.rowwise import RowTerm
 
 LossInputs = Literal["kv", "kv_raw", "logits", "ce"]
@@ -48,7 +48,7 @@ KVParts = Literal["kv", "k", "v"]
 
 class Loss(nn.Module):
     """A loss term built as `cls(config)`; `inputs` tells the trainer which tensors to pass
-    (kvd.curriculum interprets it); `parts`, for "kv" losses, which of K and V to compare."""
+    (kvd.step.curriculum interprets it); `parts`, for "kv" losses, which of K and V to compare."""
 
     inputs: ClassVar[LossInputs]
     parts: KVParts = "kv"

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
 from kvd.losses.base import Loss, LossInputs
 from kvd.losses.rowwise import CHUNK_ELEMENTS, RowTerm, SoftKLRows, row_chunks, rowwise_group
 

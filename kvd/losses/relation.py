@@ -9,10 +9,10 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from kvd.errors import PlanError
+from kvd.core.errors import PlanError
+from kvd.core.types import KVShape
 from kvd.losses.base import Loss, LossInputs, keep, masked_mean
 from kvd.project.base import merge_heads, shape_text, split_heads
-from kvd.types import KVShape
 
 
 class RelationKLLoss(Loss):

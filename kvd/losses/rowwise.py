@@ -69,7 +69,7 @@ def rowwise_group(
     differentiable scalar, and each mean_k (detached).
 
     With `index` [N] long, logits [N, V] are rows index[n] of the terms' flattened rows
-    (logits computed at the N real tokens only: kvd.capture `rows`); index must increase.
+    (logits computed at the N real tokens only: kvd.modeling.capture `rows`); index must increase.
 
     One pass over the rows and one gradient buffer for the whole group: the weighted gradients
     are summed chunk by chunk in forward, where autograd would keep a buffer per loss and add

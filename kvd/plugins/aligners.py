@@ -7,7 +7,7 @@ from kvd.align.layers import CKALayerAligner, ExplicitLayerAligner, UniformLayer
 from kvd.align.time import ResampleAligner, SegmentResampleAligner
 from kvd.align.tokens import HardTokenAligner, SoftTokenAligner
 from kvd.align.vocab import FirstTokenVocab, OwnVocab
-from kvd.hookspecs import Register, hookimpl
+from kvd.core.hookspecs import Register, hookimpl
 
 
 @hookimpl

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from kvd.core.hookspecs import Register, hookimpl
 from kvd.data.files import TextFilesSource
 from kvd.data.stdlib import StdlibSource
-from kvd.hookspecs import Register, hookimpl
 
 
 @hookimpl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvd import losses
-from kvd.hookspecs import Register, hookimpl
+from kvd.core.hookspecs import Register, hookimpl
 
 
 @hookimpl

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvd.hookspecs import Register, hookimpl
+from kvd.core.hookspecs import Register, hookimpl
 from kvd.sources.gguf_file import GgufSource
 from kvd.sources.hf import HfSource
 from kvd.sources.preset import PresetSource

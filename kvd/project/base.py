@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kvd.component import ComponentConfig
-from kvd.errors import PlanError
-from kvd.types import KVShape
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import PlanError
+from kvd.core.types import KVShape
 
 
 def shape_text(shape: KVShape) -> str:

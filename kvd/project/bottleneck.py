@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor, nn
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector, merge_heads, split_heads
-from kvd.types import KVShape
 
 
 class ElasticBottleneckProjector(Projector):

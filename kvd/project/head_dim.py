@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector, identity_like_
-from kvd.types import KVShape
 
 
 class HeadDimProjector(Projector):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector
-from kvd.types import KVShape
 
 
 def overlap_mixing(source_heads: int, target_heads: int) -> Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector, shape_text
-from kvd.types import KVShape
 
 
 class IdentityProjector(Projector):

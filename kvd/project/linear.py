@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector, identity_like_, merge_heads, split_heads
-from kvd.types import KVShape
 
 
 class LinearProjector(Projector):

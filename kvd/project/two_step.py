@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from kvd.core.types import KVShape
 from kvd.project.base import Projector
 from kvd.project.head_dim import HeadDimProjector
 from kvd.project.heads import HeadsProjector
-from kvd.types import KVShape
 
 
 class HeadDimThenHeadsProjector(Projector):

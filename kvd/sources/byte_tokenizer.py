@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from kvd.geometry import TokenizerFacts, tokens_fingerprint
+from kvd.spec.geometry import TokenizerFacts, tokens_fingerprint
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIALS = (BOS, EOS, PAD)

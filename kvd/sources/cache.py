@@ -7,7 +7,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from kvd.errors import KvdError
+from kvd.core.errors import KvdError
 
 CACHE_ENV = "KVD_CACHE_DIR"
 

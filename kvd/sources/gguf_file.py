@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from kvd.component import ComponentConfig
-from kvd.errors import KvdError
-from kvd.files import atomic_path
-from kvd.geometry import ModelGeometry
-from kvd.gguf_header import read_gguf
-from kvd.models import LoadedModel, ModelSource
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
+from kvd.core.files import atomic_path
 from kvd.sources.cache import cache_dir, sha256_file
 from kvd.sources.hf import load_tokenizer_dir
 from kvd.sources.paths import local_path
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.gguf_header import read_gguf
+from kvd.spec.models import LoadedModel, ModelSource
 
 MARKER = "kvd-gguf.json"
 

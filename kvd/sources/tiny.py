@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from pydantic import field_validator
 
-from kvd.component import ComponentConfig
-from kvd.errors import KvdError
-from kvd.geometry import ModelGeometry, TokenizerFacts, config_from_dict, geometry_from_config
-from kvd.models import LoadedModel, ModelSource
+from kvd.core.component import ComponentConfig
+from kvd.core.errors import KvdError
 from kvd.sources.byte_tokenizer import VOCAB_SIZE, byte_tokenizer, byte_tokenizer_facts
 from kvd.sources.resolve import resolve_model
+from kvd.spec.geometry import ModelGeometry, TokenizerFacts, config_from_dict, geometry_from_config
+from kvd.spec.models import LoadedModel, ModelSource
 
 
 class TinySource(ModelSource):

@@ -10,7 +10,7 @@ broken rule raises `ContractError`, an `AssertionError` naming the component and
 test fails with that message. Every kind:
 
 - subclasses its kind's base class and has a docstring (the `kvd plugins` summary);
-- has a `Config` (a `kvd.component.ComponentConfig`) that builds from `options` and rejects
+- has a `Config` (a `kvd.core.component.ComponentConfig`) that builds from `options` and rejects
   unknown keys.
 
 Then, per kind (N teachers, B batch, H KV heads, T positions, D head_dim):
@@ -67,22 +67,22 @@ from torch import Tensor, nn
 from kvd.align.base import Aligner, LayerAligner, LayerCalibration, LayerPlan, TokenAligner
 from kvd.align.rope import RopeAligner
 from kvd.align.vocab import VocabAligner, VocabMap
-from kvd.capture import capture_kv
-from kvd.component import ComponentConfig, config_class
+from kvd.core.component import ComponentConfig, config_class
+from kvd.core.errors import PlanError
+from kvd.core.hookspecs import KINDS
+from kvd.core.manager import Plugins, get_plugins
+from kvd.core.types import KVBundle, KVShape, TokenAlignment, TokenBatch
 from kvd.data.base import Document, TextSource
-from kvd.errors import PlanError
+from kvd.data.tokenize import tokenize
 from kvd.fusion import Fusion, FusionInput, FusionOutput
-from kvd.geometry import ModelGeometry
-from kvd.hookspecs import KINDS
 from kvd.losses.base import Loss, LossInputs
-from kvd.manager import Plugins, get_plugins
-from kvd.models import LoadedModel, ModelSource
-from kvd.probe import compare_cache
+from kvd.modeling.capture import capture_kv
 from kvd.project.base import Projector, shape_text
+from kvd.shapes.probe import compare_cache
 from kvd.sources.byte_tokenizer import byte_tokenizer
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.models import LoadedModel, ModelSource
 from kvd.testing.factories import fusion_input, tiny_causal_lm
-from kvd.tokenize import tokenize
-from kvd.types import KVBundle, KVShape, TokenAlignment, TokenBatch
 
 BASES: dict[str, type] = {
     "models": ModelSource,
@@ -315,7 +315,7 @@ def _check_model(c: _Check, cls: type, config: ComponentConfig) -> None:
 
 def _check_loaded(c: _Check, source: ModelSource, geometry: ModelGeometry) -> None:
     loaded = source.load(device=torch.device("cpu"), dtype=torch.float32)
-    c.require(isinstance(loaded, LoadedModel), "load() must return a kvd.models.LoadedModel")
+    c.require(isinstance(loaded, LoadedModel), "load() must return a kvd.spec.models.LoadedModel")
     fields = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "layer_types")
     c.require(
         all(getattr(loaded.geometry, f) == getattr(geometry, f) for f in fields),

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
+from kvd.core.types import KVBundle
 from kvd.fusion import FusionInput
-from kvd.models import LoadedModel
 from kvd.sources.tiny import TinySource
-from kvd.types import KVBundle
+from kvd.spec.models import LoadedModel
 
 
 def tiny_lm_config(

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvd.manager import ALLOWLIST_ENV, Plugins, get_plugins, reset_plugins
+from kvd.core.manager import ALLOWLIST_ENV, Plugins, get_plugins, reset_plugins
 
 if TYPE_CHECKING:
-    from kvd.models import LoadedModel
+    from kvd.spec.models import LoadedModel
     from kvd.testing.factories import KVFactory
 
 

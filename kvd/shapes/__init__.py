@@ -1,0 +1,1 @@
+"""`kvd check-shapes`: the teacher -> student plan, its memory per GPU, and geometry probes."""

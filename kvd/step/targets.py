@@ -1,0 +1,162 @@
+"""The teachers' half of a step: parameter-free targets at student positions (cacheable).
+
+Per teacher: tokenise the batch texts, one no-grad forward capturing K/V of the teacher layers
+the layer plan reads, keys to the rope aligner's space, layers blended by the plan, positions
+mapped to the student's by the token aligner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from kvd.align.base import LayerPlan, TokenAligner
+from kvd.align.rope import RopeAligner
+from kvd.align.tokens import next_token_alignment
+from kvd.align.vocab import TopK, VocabMap
+from kvd.core.phases import phase
+from kvd.core.types import TokenAlignment, TokenBatch
+from kvd.data.tokenize import tokenize
+from kvd.modeling.capture import capture_kv
+from kvd.modeling.head import OutputHead
+from kvd.modeling.nll import next_token_nll
+from kvd.spec.models import LoadedModel
+
+
+@dataclass
+class TeacherRuntime:
+    """A loaded teacher, its spec id and weight, and its layer plan onto the student."""
+
+    id: str
+    weight: float
+    loaded: LoadedModel | None  # None when targets come from the offline teacher cache
+    plan: LayerPlan
+    add_bos: bool
+    max_length: int | None = None
+    vocab: VocabMap | None = None
+    """Its logits onto the student's vocabulary (alignment.vocab), None to keep its own."""
+
+
+@dataclass
+class TeacherTargets:
+    """One teacher's targets for one batch, at student positions.
+
+    keys[j], values[j]: [B, Ht, Ts, Dt] for each student layer j the plan distils (keys in the
+    rope aligner's space); mask: [B, Ts] bool, True where the student token is real and has a
+    causally valid teacher token; logits: [B, Ts, Vt] aligned teacher logits or None;
+    ce: [B] the teacher's mean next-token NLL per sequence on its own tokens, or None.
+    For the offline cache, the logits can instead be given by hidden [B, Tt, d] (the teacher's
+    last hidden states at its own positions) and the alignment that maps them: the aligned
+    logits are `alignment.gather(head(hidden))` (`with_logits`).
+    A teacher whose logits are mapped onto the student's vocabulary (TeacherRuntime.vocab) has
+    them as `top_k` too (what the cache stores; `logits` is `top_k.dense()`), valid where
+    logit_mask [B, Ts] is True: where both tokenisations end at the same character.
+    """
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    mask: torch.Tensor
+    logits: torch.Tensor | None = None
+    ce: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    alignment: TokenAlignment | None = None
+    top_k: TopK | None = None
+    logit_mask: torch.Tensor | None = None
+
+    @property
+    def logit_valid(self) -> torch.Tensor:
+        """[B, Ts] bool: where the logit losses may read `logits`."""
+        return self.mask if self.logit_mask is None else self.logit_mask
+
+    def with_logits(self, head: OutputHead) -> TeacherTargets:
+        """These targets with the aligned logits computed from `hidden` by the teacher's head,
+        exactly as `teacher_targets` aligns the teacher's own logits."""
+        if self.hidden is None or self.alignment is None:
+            raise ValueError("these targets hold no hidden states to compute logits from")
+        logits = self.alignment.gather(head(self.hidden).unsqueeze(1)).squeeze(1)
+        return replace(self, logits=logits, hidden=None, alignment=None)
+
+
+def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per row: logits [B, T, V], ids [B, T], mask [B, T] -> [B]."""
+    valid = mask[:, 1:] & mask[:, :-1]
+    return next_token_nll(logits, ids, valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher: TeacherRuntime,
+    texts: list[str],
+    student: TokenBatch,
+    *,
+    token_aligner: TokenAligner,
+    rope: RopeAligner,
+    want_logits: bool,
+    want_ce: bool,
+    device: torch.device,
+    hidden_logits: bool = False,
+    want_kv: bool = True,
+) -> TeacherTargets:
+    """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU).
+    want_kv=False (no loss reads K/V) records, un-rotates and aligns none. hidden_logits: give
+    wanted logits as hidden states and their alignment (the offline cache's compact form; see
+    TeacherTargets), the LM head skipped unless CE needs it. A teacher with a vocabulary map
+    gives its logits at `next_token_alignment`'s positions, mapped onto the student's
+    vocabulary and kept to the map's top k."""
+    if teacher.loaded is None:
+        raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
+    with phase("teacher/tokenize"):
+        batch = tokenize(
+            teacher.loaded.tokenizer, texts, max_length=teacher.max_length, add_bos=teacher.add_bos
+        )
+    ids = batch.input_ids.to(device)
+    mask = batch.attention_mask.to(device)
+    model = teacher.loaded.model
+    mapped = want_logits and teacher.vocab is not None
+    as_hidden = want_logits and hidden_logits and not mapped
+    with phase("teacher/forward"):
+        cap = capture_kv(
+            model,
+            ids,
+            mask,
+            layers=teacher.plan.teacher_layers if want_kv else [],
+            logits=want_ce or (want_logits and not as_hidden),
+            hidden=as_hidden,
+        )
+    with phase("teacher/unrotate"):
+        kv = rope.apply(cap.kv, model)
+    with phase("teacher/align"):
+        found = token_aligner.align(student, batch)
+        alignment = found.to(device)
+        keys = dict(zip(kv.layers, kv.keys, strict=True))
+        values = dict(zip(kv.layers, kv.values, strict=True))
+        out_k: dict[int, torch.Tensor] = {}
+        out_v: dict[int, torch.Tensor] = {}
+        if want_kv:
+            for j, (k, v) in enumerate(
+                zip(teacher.plan.apply(keys), teacher.plan.apply(values), strict=True)
+            ):
+                if k is not None and v is not None:
+                    out_k[j] = alignment.gather(k)
+                    out_v[j] = alignment.gather(v)
+        logits = None
+        if want_logits and not as_hidden and cap.logits is not None:
+            logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
+        ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
+        real = student.attention_mask.to(device)
+        valid = alignment.mask.to(device) & real
+        if mapped:
+            assert cap.logits is not None and teacher.vocab is not None
+            nt = next_token_alignment(student, batch)
+            index = nt.index[..., 0].to(device)[..., None]  # [B, Ts, 1]
+            picked = cap.logits.gather(1, index.expand(-1, -1, cap.logits.shape[-1]))
+            top = teacher.vocab.top_k(picked)
+            logit_mask = nt.mask.to(device) & real
+            return TeacherTargets(
+                out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
+            )
+        kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
+        return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)

@@ -1,0 +1,276 @@
+"""The teacher half of a run: the teachers (or the offline cache of their work), the
+parameter-free alignment onto the student, and the cache's fingerprint.
+
+`targets` gives what the student side compares against at a step: each active teacher's K/V at
+the student layers of its plan and at student positions, its aligned logits where a loss reads
+them, its per-sequence CE where the fusion routes on it (kvd.step.targets). `build_cache` runs the
+teachers over every batch of the run once and stores exactly those targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvd.align.base import LayerAligner, LayerPlan, TokenAligner
+from kvd.align.rope import RopeAligner
+from kvd.align.vocab import VocabAligner
+from kvd.core.errors import KvdError
+from kvd.core.progress import Progress
+from kvd.core.runtime import Runtime, oom_guard
+from kvd.core.types import TokenBatch
+from kvd.data import Data
+from kvd.data.batches import StudentBatches
+from kvd.modeling.head import OutputHead
+from kvd.sources.build import layer_plans, load_model
+from kvd.spec.geometry import ModelGeometry
+from kvd.spec.models import LoadedModel
+from kvd.spec.runspec import RunSpec
+from kvd.step.curriculum import Curriculum, Stage, logit_teachers, uses_teachers
+from kvd.step.targets import TeacherRuntime, TeacherTargets, teacher_targets
+from kvd.step.teacher_cache import FORMAT, CacheWriter, TeacherCache, pack
+
+
+def teacher_geometries(spec: RunSpec) -> dict[str, ModelGeometry]:
+    """Each teacher's geometry, read without loading weights; none for a run that reads no
+    teacher (CE only)."""
+    refs = list(spec.teachers) if uses_teachers(spec) else []
+    return {ref.id: ref.build().geometry() for ref in refs}
+
+
+class TeacherSide:
+    """The run's teachers, loaded unless an offline cache that matches the fingerprint holds
+    their work (use_cache), with their layer plans onto the student and their KV shapes."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        student: LoadedModel,
+        data: Data,
+        runtime: Runtime,
+        geometries: dict[str, ModelGeometry],
+        *,
+        use_cache: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.student = student
+        self.data = data
+        self.rt = runtime
+        refs = [ref for ref in spec.teachers if ref.id in geometries]
+        align = spec.alignment
+        self.token_aligner = align.tokens.component_of(TokenAligner)(align.tokens.config)
+        self.rope = align.rope.component_of(RopeAligner)(align.rope.config)
+        self.cache: TeacherCache | None = None
+        if spec.training.teacher_cache and use_cache and refs:
+            self.cache = TeacherCache.open(Path(spec.training.teacher_cache), self.fingerprint())
+        loaded = (
+            {}
+            if self.cache
+            else {
+                ref.id: load_model(ref, runtime.device, f"teachers.{i}", spec.seed)
+                for i, ref in enumerate(spec.teachers)
+                if ref.id in geometries
+            }
+        )
+        for model in loaded.values():
+            # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
+            # on CPU it sends a bf16 tied LM head down a path that copies the whole weight per call
+            # (Gemma-3: 0.4 s -> 4.7 s per forward, measured).
+            model.model.eval()
+        if self.cache is not None:
+            plans = {
+                tid: LayerPlan([tuple((int(t), w) for t, w in pairs) for pairs in sources])
+                for tid, sources in self.cache.plans.items()
+            }
+        else:
+            layer_aligner = align.layers.component_of(LayerAligner)(align.layers.config)
+            calibration = [w.text for w in data.validation[: spec.training.batch_size]]
+            plans = layer_plans(
+                layer_aligner,
+                [(ref, loaded[ref.id]) for ref in refs],
+                student,
+                calibration,
+                self.token_aligner,
+                self.rope,
+                runtime.device,
+            )
+        self.teachers = [
+            TeacherRuntime(
+                ref.id, ref.weight, loaded.get(ref.id), plans[ref.id], geometries[ref.id].adds_bos
+            )
+            for ref in refs
+        ]
+        self._map_vocabularies(geometries)
+        self.shapes = {tid: g.kv_shape for tid, g in geometries.items()}
+        """KV shape per teacher id."""
+
+    def _map_vocabularies(self, geometries: dict[str, ModelGeometry]) -> None:
+        """Give each loaded teacher whose logits a loss reads its map onto the student's
+        vocabulary (alignment.vocab; None keeps its own)."""
+        ref = self.spec.alignment.vocab
+        aligner = ref.component_of(VocabAligner)(ref.config)
+        readers = set(logit_teachers(self.spec))
+        for t in self.teachers:
+            if t.loaded is not None and t.id in readers:
+                t.vocab = aligner.map(
+                    t.loaded.tokenizer,
+                    self.student.tokenizer,
+                    geometries[t.id].vocab_size,
+                    self.student.geometry.vocab_size,
+                )
+
+    @property
+    def n_layers(self) -> int:
+        """How many student layers some teacher's plan distils."""
+        return len({j for t in self.teachers for j in t.plan.student_layers})
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything the teachers' targets depend on; a cache must match it exactly."""
+        s = self.spec
+        g = self.student.geometry
+        return {
+            "format": FORMAT,
+            "teachers": {t.id: t.model_dump(mode="json", exclude={"weight"}) for t in s.teachers},
+            "student_tokenizer": {
+                "family": g.tokenizer_family,
+                "hash": g.tokenizer_hash,
+                "adds_bos": g.adds_bos,
+            },
+            "data": s.data.fingerprint(),
+            "split": self.data.manifest.digest,
+            "alignment": s.alignment.fingerprint(),
+            "seed": s.seed,
+            "batch_size": s.training.batch_size,
+            "grad_accum": s.training.grad_accum,
+            "world": self.rt.world,
+        }
+
+    # -- one step's targets ----------------------------------------------------------------
+
+    def targets(
+        self,
+        stage: Stage,
+        texts: list[str],
+        student_batch: TokenBatch,
+        *,
+        step: int,
+        hidden_logits: Iterable[str] = (),
+    ) -> dict[str, TeacherTargets]:
+        """Targets of the teachers active in `stage` for these texts; logits only for teachers
+        a logit loss reads (the LM head of a 262k vocabulary costs more than the rest of a small
+        model), as hidden states for the teachers in `hidden_logits` (the offline cache)."""
+        active = set(stage.teachers)
+        logit_readers = stage.logit_readers
+        out = {}
+        for t in self.teachers:
+            if t.id not in active:
+                continue
+            with oom_guard(f"teacher {t.id!r}", student_batch, self.rt.device, step):
+                out[t.id] = teacher_targets(
+                    t,
+                    texts,
+                    student_batch,
+                    token_aligner=self.token_aligner,
+                    rope=self.rope,
+                    want_logits=t.id in logit_readers,
+                    want_ce=stage.fusion.needs_teacher_ce,
+                    device=self.rt.device,
+                    hidden_logits=t.id in hidden_logits,
+                    want_kv=stage.reads_kv,
+                )
+        return out
+
+    def cached_targets(self, stage: Stage, step: int, micro: int) -> dict[str, TeacherTargets]:
+        """The targets of optimizer step `step` (0-based), micro-batch `micro`, from the
+        offline cache, for the teachers active in `stage`; an error names what the cache lacks."""
+        assert self.cache is not None
+        cached = self.cache.get(step, micro, self.rt.device)
+        active = stage.teachers
+        ours = {t.id: t for t in self.teachers}
+        missing = [tid for tid in active if tid in ours and tid not in cached]
+        if missing:
+            raise KvdError(
+                f"training.teacher_cache {self.cache.root}: has no targets of {', '.join(missing)} "
+                f"at step {step + 1} (the stages changed since it was built)",
+                hint="rebuild it with `kvd cache-teachers SPEC`",
+            )
+        readers = stage.logit_readers
+        for tid in active:
+            t = cached.get(tid)
+            lacks = None
+            if t is not None and tid in readers and t.logits is None:
+                lacks = "logits"
+            elif t is not None and stage.fusion.needs_teacher_ce and t.ce is None:
+                lacks = "per-sequence CE"
+            elif t is not None and stage.reads_kv and ours[tid].plan.student_layers and not t.keys:
+                lacks = "K/V"
+            if lacks:
+                raise KvdError(
+                    f"training.teacher_cache {self.cache.root}: has no {lacks} of teacher {tid!r} "
+                    "(the losses or fusion changed since it was built)",
+                    hint="rebuild it with `kvd cache-teachers SPEC`",
+                )
+        return {tid: t for tid, t in cached.items() if tid in active}
+
+    # -- the offline cache -----------------------------------------------------------------
+
+    def build_cache(
+        self,
+        writer: CacheWriter,
+        progress: Progress,
+        curriculum: Curriculum,
+        batches: StudentBatches,
+    ) -> TeacherCache:
+        """Run the teachers over every batch of the run (the batches the training loop will
+        draw, stage by stage) and store their targets; logits as hidden states for the teachers
+        whose head reproduces them exactly (kvd.modeling.head), checked on the first batch against
+        the teachers' own logits."""
+        tr = self.spec.training
+        progress.start(tr.max_steps, 0)
+        curriculum.set_step(0)
+        readers = curriculum.stage.logit_readers
+        heads: dict[str, OutputHead] = {}
+        for t in self.teachers:
+            head = OutputHead.of(t.loaded.model) if t.id in readers and t.loaded else None
+            if head is not None:
+                heads[t.id] = head
+        for step in range(tr.max_steps):
+            curriculum.set_step(step)
+            tensors: dict[str, torch.Tensor] = {}
+            for micro in range(tr.grad_accum):
+                texts, _, s_batch = batches.next()
+                targets = self.targets(
+                    curriculum.stage, texts, s_batch, step=step, hidden_logits=set(heads)
+                )
+                if step == 0 and micro == 0:
+                    targets = self._check_heads(curriculum.stage, heads, targets, texts, s_batch)
+                tensors |= pack(targets, micro)
+            writer.put(step, tensors)
+            progress.update(step + 1, {"cache_mb": writer.bytes / 2**20})
+        progress.stop()
+        plans = {
+            t.id: [[[j, w] for j, w in pairs] for pairs in t.plan.sources] for t in self.teachers
+        }
+        return writer.finish(tr.max_steps, plans, heads)
+
+    def _check_heads(
+        self,
+        stage: Stage,
+        heads: dict[str, OutputHead],
+        targets: dict[str, TeacherTargets],
+        texts: list[str],
+        student_batch: TokenBatch,
+    ) -> dict[str, TeacherTargets]:
+        """Keep in `heads` only the teachers whose stored hidden states give exactly their
+        aligned logits on this batch; the others' targets get their logits instead."""
+        plain = self.targets(stage, texts, student_batch, step=0)
+        for tid in list(heads):
+            got, want = targets[tid], plain[tid].logits
+            computed = got.with_logits(heads[tid]).logits if got.hidden is not None else None
+            if computed is None or want is None or not torch.equal(computed, want):
+                del heads[tid]
+                targets[tid] = plain[tid]
+        return targets
