@@ -192,7 +192,7 @@ def main() -> None:
         "the micro-batch as a token, where kvd's LM head and its loss buffers skip padding "
         "(the quickstart's 8 x 128 batches hold about 835 real tokens): that part errs high. "
         "Not measured: GPUs (the CUDA runtime line of 1 GiB + 10% is an assumption, not a "
-        "measurement), FSDP (kvd does not run it yet), activation checkpointing and eager "
+        "measurement), FSDP, activation checkpointing and eager "
         "attention, which the plan does not model."
     )
     if "three_real" in peaks:

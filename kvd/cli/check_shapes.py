@@ -5,7 +5,7 @@
     kvd check-shapes config.yaml --gpus 8 --gpu-memory 80GB   # + the memory plan per GPU
 
 Reads geometries only (no weights) unless `--probe`. Exit 0: sound (and, with --gpu-memory, a
-plan kvd runs fits); 1: unsound, or no plan fits (the reasons are printed); 2: bad input.
+plan fits); 1: unsound, or no plan fits (the reasons are printed); 2: bad input.
 """
 
 from __future__ import annotations
@@ -115,20 +115,13 @@ def check_shapes(
             f"the plan is unsound: {problems[0]}"
             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
         )
-    if budget is not None and not any(m.fits and m.runs_today for m in memory):
+    if budget is not None and not any(m.fits for m in memory):
         raise PlanError(_does_not_fit(memory))
 
 
 def _does_not_fit(memory: list[MemoryPlan]) -> str:
-    today = [m for m in memory if m.runs_today]
-    need = ", ".join(f"{m.parallel} needs {_bytes(m.total)}" for m in today)
+    need = ", ".join(f"{m.parallel} needs {_bytes(m.total)}" for m in memory)
     text = f"the run does not fit {_bytes(memory[0].budget or 0)} per GPU: {need}"
-    later = [m for m in memory if m.fits and not m.runs_today]
-    if later:
-        text += (
-            f"; {later[0].parallel} would fit ({_bytes(later[0].total)}) but kvd does not run "
-            "it yet"
-        )
     return text + "; use more GPUs, a smaller batch_size or seq_len, or training.teacher_cache"
 
 
@@ -184,7 +177,7 @@ def _print_memory(memory: list[MemoryPlan]) -> None:
     table = Table(title=f"memory per GPU: {first.ranks} GPU(s){budget}")
     table.add_column("")
     for m in memory:
-        table.add_column(m.parallel + ("" if m.runs_today else " (not in kvd yet)"))
+        table.add_column(f"training.parallel: {m.parallel}")
     table.add_column("counted as", overflow="fold")
     names = list(dict.fromkeys(i.name for m in memory for i in m.items))
     names.sort(key=lambda name: name == RUNTIME)  # stable: the runtime line last

@@ -102,13 +102,15 @@ def write_student(
     results: dict[str, Any],
     *,
     onnx: bool = False,
+    weights: dict[str, Any] | None = None,
 ) -> float | None:
-    """The student as one HF model dir at `path`, written whole or not at all: weights,
-    tokenizer, portable configs and the model card of `results` (step, tokens, validation).
+    """The student as one HF model dir at `path`, written whole or not at all: weights (the
+    model's own, or `weights`: whole tensors of a sharded model), tokenizer, portable configs
+    and the model card of `results` (step, tokens, validation).
     With `onnx`, also `model.onnx` (kvd.run.onnx_export), checked with onnxruntime on CHECK_TEXT;
     returns the largest |logit difference| found there (None without `onnx`)."""
     with atomic_path(path, directory=True) as out:
-        student.model.save_pretrained(out)
+        student.model.save_pretrained(out, state_dict=weights)
         student.tokenizer.save_pretrained(out)
         make_portable(
             out,

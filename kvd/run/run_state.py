@@ -23,6 +23,7 @@ from kvd.data.batches import StudentBatches
 from kvd.data.packing import DataState
 from kvd.run.checkpoint import load_checkpoint, prune, rng_state, save_checkpoint, set_rng_state
 from kvd.run.evaluate import LMMetrics
+from kvd.run.parallel import full_model_state, full_optimizer_state, load_full_state
 from kvd.step.curriculum import Curriculum
 
 
@@ -84,6 +85,8 @@ class CheckpointManager:
         if self.rt.world > 1:
             rngs = [None] * self.rt.world
             dist.all_gather_object(rngs, rng_state())
+        model = full_model_state(self.model)  # a sharded model's: every rank gathers
+        optimizer = full_optimizer_state(self.model, self.optimizer)
         if not self.rt.main:
             return
         step = self.state.step
@@ -92,8 +95,8 @@ class CheckpointManager:
             info = save_checkpoint(
                 self.root,
                 step,
-                model=self.model.state_dict(),
-                optimizer=self.optimizer.state_dict(),
+                model=model,
+                optimizer=optimizer,
                 state=state,
                 rng=rngs,
             )
@@ -114,8 +117,7 @@ class CheckpointManager:
     def restore(self, path: Path) -> None:
         """Load the checkpoint at `path` into the model, optimizer, state and this rank's RNG."""
         saved = load_checkpoint(path)
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_full_state(self.model, self.optimizer, saved["model"], saved["optimizer"])
         self.state.load_state_dict(saved["state"])
         if len(saved["rng"]) != self.rt.world:
             raise KvdError(

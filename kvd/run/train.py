@@ -28,6 +28,7 @@ from kvd.data import write_manifest
 from kvd.run.assemble import assemble
 from kvd.run.evaluate import LMMetrics, evaluate_lm
 from kvd.run.export import write_student
+from kvd.run.parallel import distribute, full_model_state, is_sharded, local, whole
 from kvd.run.resume import check_same_run, resume_point
 from kvd.run.run_state import CheckpointManager, RunState
 from kvd.run.rundir import (
@@ -100,14 +101,12 @@ class Trainer:
             spec.projector,
             self.teacher_side.rope,
         ).to(runtime.device)
-        self.wrapped: Any = self.model
-        if runtime.world > 1:
-            dev = runtime.device
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model,
-                device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=len(self.curriculum.stages) > 1,
-            )
+        self.wrapped = distribute(
+            self.model,
+            runtime,
+            spec.training.parallel,
+            multi_stage=len(self.curriculum.stages) > 1,
+        )
         # 3. optimizer: separate learning rates for the student and the heads
         tr = spec.training
         heads = self.model.heads_parameters()
@@ -232,9 +231,12 @@ class Trainer:
         """A finite loss and gradient can still give an update that overflows a weight (an
         absurd learning rate, a plugin's optimizer hook): stop before anything saves it, with
         the previous checkpoints intact. One pass over the parameters, one host sync."""
-        params = [p.detach() for p in self.model.parameters()]
+        params = [local(p.detach()) for p in self.model.parameters()]
         norms = torch._foreach_norm(params)
-        if bool(torch.stack(norms).isfinite().all()):
+        finite = bool(torch.stack(norms).isfinite().all())
+        if is_sharded(self.model):  # each rank sees its own shards
+            finite = not self._any_rank(not finite)
+        if finite:
             return
         bad = next(
             n
@@ -254,7 +256,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.rt.device)
-        return torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        return whole(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` holds on any of them."""
@@ -304,10 +306,11 @@ class Trainer:
         """The student in HF format with its tokenizer, the heads, and the final metrics
         (results.json, last: it marks the run finished). Each is written whole or not at all;
         a failed write (a full disk) is a KvdError and the checkpoints stay as they were."""
+        weights = full_model_state(self.model)  # a sharded model's: every rank gathers
         if not self.rt.main:
             return
         try:
-            self._save_outputs(metrics)
+            self._save_outputs(metrics, weights)
         except OSError as exc:
             raise KvdError(
                 f"could not write the run's outputs in {self.run_dir}: {exc.strerror or exc}; "
@@ -315,16 +318,25 @@ class Trainer:
                 hint="free disk space, then run the same command again to finish the run",
             ) from None
 
-    def _save_outputs(self, metrics: LMMetrics) -> None:
+    def _save_outputs(self, metrics: LMMetrics, weights: dict[str, Any]) -> None:
         state = self.state
         results = {"step": state.step, "tokens": state.tokens, "validation": metrics.as_dict()}
         resolved = yaml.safe_load((self.run_dir / "spec.resolved.yaml").read_text())
         student = replace(self.student, model=self.model.student)
-        write_student(self.run_dir / "student", student, self.spec, resolved, results)
+        own = {
+            k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")
+        }
+        sharded = is_sharded(self.model)
+        write_student(
+            self.run_dir / "student",
+            student,
+            self.spec,
+            resolved,
+            results,
+            weights=own if sharded else None,
+        )
         heads = {
-            k: v.detach().cpu().clone()
-            for k, v in self.model.state_dict().items()
-            if not k.startswith("student.")
+            k: v.detach().cpu().clone() for k, v in weights.items() if not k.startswith("student.")
         }
         if heads:
             with atomic_path(self.run_dir / "heads.safetensors", directory=False) as path:

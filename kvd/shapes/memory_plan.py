@@ -12,7 +12,8 @@ and targets follow from the spec's micro-batch (training.batch_size x data.seq_l
   its logits over the vocabulary the loss compares (fp32);
 - student and projectors: fp32 weights, gradients and AdamW's two moments (16 bytes a
   parameter); DDP adds its gradient buckets (4 bytes a parameter) when ranks > 1; FSDP shards
-  all of it over the ranks and all-gathers one decoder layer at a time;
+  all of it over the ranks and all-gathers one decoder layer at a time (teachers stay whole on
+  every rank under both);
 - student activations kept for backward, per decoder layer and token: 4 hidden_size (norm
   inputs and outputs) + 3 q + 4 kv (projections before and after RoPE) + 4 intermediate_size
   (gate, up, activation, product) values, in bf16 under bf16 autocast else fp32, assuming fused
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,8 +45,7 @@ from kvd.spec.runspec import RunSpec
 from kvd.step.curriculum import logit_teachers, student_vocab_teachers
 
 PARALLELS = ("ddp", "fsdp")
-RUNS_TODAY = ("ddp",)
-"""Parallel plans `kvd train` runs; the others are estimated for comparison only."""
+"""The values of training.parallel."""
 FP32 = 4
 ADAMW_STATE = 2 * FP32
 RUNTIME = "CUDA runtime"
@@ -84,10 +84,6 @@ class MemoryPlan:
     ranks: int
     items: list[MemoryItem]
     budget: int | None = None
-    runs_today: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.runs_today = self.parallel in RUNS_TODAY
 
     @property
     def total(self) -> int:
@@ -106,7 +102,6 @@ class MemoryPlan:
         return {
             "parallel": self.parallel,
             "ranks": self.ranks,
-            "runs_today": self.runs_today,
             "items": {i.name: i.bytes for i in self.items},
             "total_bytes": self.total,
             "budget_bytes": self.budget,
@@ -162,7 +157,7 @@ def memory_plans(
     plans = []
     for parallel in PARALLELS:
         items = [
-            *_teacher_items(spec, plan, sizes, tokens, ranks if parallel == "fsdp" else 1),
+            *_teacher_items(spec, plan, sizes, tokens),
             *shared,
             *_learned_items(parallel, learned, s_size.layer_params, ranks),
         ]
@@ -178,23 +173,18 @@ def _teacher_items(
     plan: Plan,
     sizes: dict[str, ModelSize],
     tokens: int,
-    shards: int,
 ) -> list[MemoryItem]:
-    """Teachers' weights (sharded over `shards` ranks, one layer gathered at a time when > 1)
-    and the largest teacher forward: its distilled layers' K/V (`use_cache=False` keeps no
-    others), its logits when a loss reads them, and a layer's hidden and MLP transients."""
+    """Teachers' weights (whole on every rank under ddp and fsdp alike: kvd shards only the
+    learned parts) and the largest teacher forward: its distilled layers' K/V (`use_cache=False`
+    keeps no others), its logits when a loss reads them, and a layer's hidden and MLP
+    transients."""
     if spec.training.teacher_cache is not None:
         note = "read from training.teacher_cache (its build holds the teachers)"
         return [MemoryItem("teachers", 0, note), MemoryItem("teacher forward", 0, note)]
     dtype = {t.id: _DTYPE_BYTES[t.dtype] for t in spec.teachers}
     geometry = {m.id: m.geometry for m in plan.models if m.role == "teacher"}
-    if shards == 1:
-        weights = sum(sizes[t].params * dtype[t] for t in sizes)
-        note = "whole on every rank, spec dtype"
-    else:
-        weights = sum(math.ceil(sizes[t].params / shards) * dtype[t] for t in sizes)
-        weights += max((sizes[t].layer_params * dtype[t] for t in sizes), default=0)
-        note = f"1/{shards} each + one layer gathered"
+    weights = sum(sizes[t].params * dtype[t] for t in sizes)
+    note = "whole on every rank, spec dtype"
     reads_logits = set(logit_teachers(spec))
     forward = 0
     for pair in plan.pairs:

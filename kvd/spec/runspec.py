@@ -273,6 +273,11 @@ class TrainingSpec(Strict):
     """Recompute the student's activations in backward (less memory, more time)."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when a GPU is there, else cpu), cpu, cuda or cuda:N."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: ddp (each process holds the whole student and heads, gradients are
+    all-reduced) or fsdp (FSDP2: each decoder layer and the rest sharded over the processes, so
+    weights, gradients and optimizer state take 1/world of the memory each). A run resumes with
+    the parallelism it was written with."""
     log_every: int = Field(1, ge=1)
     """Write a metrics.jsonl record every this many steps."""
     checkpoint_every: int = Field(100, ge=1)
