@@ -1,16 +1,17 @@
-"""DDP on CPU: `kvd train` under `torchrun --nproc_per_node 2` (gloo) against one process, in
-global student tokens per second.
+"""DDP and FSDP on CPU: `kvd train` under `torchrun --nproc_per_node 2` (gloo) against one
+process, in global student tokens per second, and the peak resident memory of a rank.
 
     python -m benchmarks.ddp [--smoke] [--repeats N] [--results PATH]
 
 Each configuration is a fresh, real `kvd train` run of the same spec (tiny3; smoke under
 --smoke) in a temp dir, for 2 warm-up + N steps: one process with a thread per core, two
 processes with an equal share of the cores each, and (not under --smoke) one process with that
-share alone, the reference for scaling efficiency. kvd gives every rank training.batch_size
-texts, so two processes train on twice the global batch per step: the comparison is the step
-record's tokens_per_s (global student tokens per second), not step time. Medians over the steps
-after the warm-up ones. The runs share the machine with whatever else runs on it: the table
-says how many cores other work kept busy during each.
+share alone, the reference for scaling efficiency; the two processes run once with
+training.parallel ddp and once with fsdp (FSDP2: the learned parts sharded). kvd gives every
+rank training.batch_size texts, so two processes train on twice the global batch per step: the
+comparison is the step record's tokens_per_s (global student tokens per second), not step time.
+Medians over the steps after the warm-up ones. The runs share the machine with whatever else
+runs on it: the table says how many cores other work kept busy during each.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Config:
     label: str
     processes: int
     threads: int  # OMP_NUM_THREADS of each process
+    parallel: str = "ddp"  # training.parallel (one process: neither)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Measured:
     wall_s: float  # the whole command: start-up, loading, steps, validation, checkpoint
     other_cores: float | None  # cores busy with other work (or stolen) during the command
     model_mib: float  # student + projectors: the gradients DDP all-reduces each step
+    peak_rss_mib: float  # rank 0's peak resident memory (its step records)
 
 
 def machine_busy_s() -> float | None:
@@ -82,12 +85,15 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_spec(spec_data: dict[str, Any], out_dir: Path, steps: int, device: str) -> dict[str, Any]:
+def run_spec(
+    spec_data: dict[str, Any], out_dir: Path, steps: int, device: str, parallel: str
+) -> dict[str, Any]:
     """`spec_data` as one short run into `out_dir`: every step logged, one validation batch
     and one checkpoint, both at the end."""
     spec = dict(spec_data)
     spec["training"] = dict(
         spec["training"],
+        parallel=parallel,
         max_steps=steps,
         log_every=1,
         checkpoint_every=steps,
@@ -133,10 +139,11 @@ def measure(
     config: Config, spec_data: dict[str, Any], tmp: Path, steps: int, device: str
 ) -> Measured:
     """Run `kvd train` as `config` says and read its step records."""
-    name = f"{config.processes}p{config.threads}t"
+    name = f"{config.processes}p{config.threads}t-{config.parallel}"
     out_dir = tmp / name
     spec_path = tmp / f"{name}.yaml"
-    spec_path.write_text(yaml.safe_dump(run_spec(spec_data, out_dir, steps, device)))
+    spec_data = run_spec(spec_data, out_dir, steps, device, config.parallel)
+    spec_path.write_text(yaml.safe_dump(spec_data))
     env = dict(bench_env(), OMP_NUM_THREADS=str(config.threads))
     cmd = command(config.processes, spec_path)
     busy0, ours0 = machine_busy_s(), our_cpu_s()
@@ -187,6 +194,21 @@ def measure(
         wall_s=wall,
         other_cores=other,
         model_mib=trained_mib(out_dir),
+        peak_rss_mib=max(r.get("peak_mem_mb", r.get("peak_rss_mb", 0.0)) for r in timed),
+    )
+
+
+def fsdp_verdict(ddp: Measured, fsdp: Measured) -> str:
+    """FSDP against DDP on the same processes: speed and a rank's memory."""
+    return (
+        f" Under training.parallel fsdp the same two processes reach "
+        f"{fsdp.tokens_per_s / ddp.tokens_per_s:.2f}x DDP's tokens/s with a rank's peak "
+        f"resident memory at {fsdp.peak_rss_mib / ddp.peak_rss_mib:.2f}x DDP's "
+        f"({fsdp.peak_rss_mib:.0f} vs {ddp.peak_rss_mib:.0f} MiB): FSDP gathers each layer's "
+        "weights before its forward and backward and reduce-scatters its gradients, more "
+        "messages than DDP's one all-reduce, for 1/2 of the learned parts' weights, gradients "
+        "and AdamW state per rank; the resident memory also holds the teachers, the data and "
+        "Python, which no parallelism shards here."
     )
 
 
@@ -233,13 +255,14 @@ def main() -> None:
     share = max(1, n // 2)
     full_c = Config("1 process, all cores", 1, n)
     ref_c = Config("1 process, per-process share (reference)", 1, share)
-    two_c = Config("2 processes (torchrun, gloo)", 2, share)
-    # --smoke checks the two sides only: every run costs ~10 s of start-up and loading
-    configs = [full_c, two_c] if args.smoke else [full_c, ref_c, two_c]
+    two_c = Config("2 processes (torchrun, gloo), ddp", 2, share)
+    fsdp_c = Config("2 processes (torchrun, gloo), fsdp", 2, share, "fsdp")
+    # --smoke skips the reference: every run costs ~10 s of start-up and loading
+    configs = [full_c, two_c, fsdp_c] if args.smoke else [full_c, ref_c, two_c, fsdp_c]
     with tempfile.TemporaryDirectory(prefix="kvd-bench-ddp-") as tmp:
         results = [measure(c, spec_data, Path(tmp), steps, args.device) for c in configs]
-    full, two = results[0], results[-1]
-    ref = results[1] if len(results) == 3 else None
+    full, two, fsdp = results[0], results[-2], results[-1]
+    ref = results[1] if len(results) == 4 else None
     rows = []
     for m in results:
         c = m.config
@@ -254,6 +277,7 @@ def main() -> None:
             [
                 c.label,
                 c.processes,
+                c.parallel if c.processes > 1 else "-",
                 threads,
                 round(m.tokens),
                 m.step_s,
@@ -261,6 +285,7 @@ def main() -> None:
                 f"{m.tokens_per_s / full.tokens_per_s:.2f}x",
                 efficiency,
                 m.wall_s,
+                m.peak_rss_mib,
                 "n/a" if m.other_cores is None else f"{m.other_cores:.2f}",
             ]
         )
@@ -270,7 +295,9 @@ def main() -> None:
     )
     print(
         f"ddp ({setup}, {n} cores): 2 processes {two.tokens_per_s:.0f} tok/s vs 1 process "
-        f"{full.tokens_per_s:.0f} tok/s ({speedup:.2f}x){reference}"
+        f"{full.tokens_per_s:.0f} tok/s ({speedup:.2f}x){reference}; fsdp "
+        f"{fsdp.tokens_per_s:.0f} tok/s, rank peak {fsdp.peak_rss_mib:.0f} vs ddp "
+        f"{two.peak_rss_mib:.0f} MiB"
     )
     body = (
         f"Setup `{setup}`, real `kvd train` runs on {args.device}, one after another: {WARMUP} "
@@ -288,6 +315,7 @@ def main() -> None:
             [
                 "configuration",
                 "processes",
+                "parallel",
                 "threads/process",
                 "tokens/step",
                 "median step s",
@@ -295,14 +323,16 @@ def main() -> None:
                 "vs 1 process",
                 "scaling efficiency",
                 "wall s",
+                "rank peak RSS MiB",
                 "other work, cores",
             ],
             rows,
         )
         + "\n\n"
         + verdict(full, ref, two, n)
+        + fsdp_verdict(two, fsdp)
     )
-    write_section(args.results, "ddp", "DDP on CPU: 2 processes vs 1", body)
+    write_section(args.results, "ddp", "DDP and FSDP on CPU: 2 processes vs 1", body)
 
 
 if __name__ == "__main__":

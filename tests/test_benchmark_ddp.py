@@ -19,11 +19,17 @@ def table_rows(body: str) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_ddp_smoke_writes_tokens_per_s_for_one_and_two_processes(tmp_path: Path) -> None:
+def test_ddp_smoke_writes_tokens_per_s_for_one_process_and_two_under_ddp_and_fsdp(
+    tmp_path: Path,
+) -> None:
     rows = table_rows(section(run_smoke("ddp", tmp_path / "RESULTS.md"), "ddp"))
-    by_processes = {row["processes"]: float(row["tokens/s"]) for row in rows}
-    assert set(by_processes) == {"1", "2"}
-    assert all(v > 0 for v in by_processes.values())
-    two = next(row for row in rows if row["processes"] == "2")
+    assert [(row["processes"], row["parallel"]) for row in rows] == [
+        ("1", "-"),
+        ("2", "ddp"),
+        ("2", "fsdp"),
+    ]
+    assert all(float(row["tokens/s"]) > 0 and float(row["rank peak RSS MiB"]) > 0 for row in rows)
+    two, fsdp = (row for row in rows if row["processes"] == "2")
+    assert fsdp["tokens/step"] == two["tokens/step"]  # the same batches, sharded weights
     one = next(row for row in rows if row["processes"] == "1")
     assert float(two["tokens/step"]) > float(one["tokens/step"])  # each rank its own batch
