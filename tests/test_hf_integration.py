@@ -78,10 +78,8 @@ def test_a_trainer_step_gives_kvds_loss_and_gradients_on_the_same_batch(tmp_path
     )
     assert torch.equal(batch.input_ids, inputs["input_ids"])
     assert inputs["attention_mask"].sum() > 0
-    kvd.step.curriculum.set_step(0)
-    targets = kvd.step.teacher_side.targets(
-        kvd.step.curriculum.stage, inputs["texts"], batch, step=0
-    )
+    kvd.curriculum.set_step(0)
+    targets = kvd.teacher_side.targets(kvd.curriculum.stage, inputs["texts"], batch, step=0)
     task = kvd.data.tasks.ids(inputs["tasks"])
     out = kvd.model(batch.input_ids, batch.attention_mask, targets, task)
     out.total.backward()

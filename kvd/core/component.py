@@ -28,5 +28,5 @@ def config_class(component: Any) -> type[ComponentConfig]:
     """The component's nested `Config`, or the empty base when it takes no options."""
     cls = getattr(component, "Config", ComponentConfig)
     if not (isinstance(cls, type) and issubclass(cls, ComponentConfig)):
-        raise TypeError(f"{component!r}.Config must subclass kvd.core.component.ComponentConfig")
+        raise TypeError(f"{component!r}.Config must subclass kvd.component.ComponentConfig")
     return cls

@@ -10,7 +10,7 @@ broken rule raises `ContractError`, an `AssertionError` naming the component and
 test fails with that message. Every kind:
 
 - subclasses its kind's base class and has a docstring (the `kvd plugins` summary);
-- has a `Config` (a `kvd.core.component.ComponentConfig`) that builds from `options` and rejects
+- has a `Config` (a `kvd.component.ComponentConfig`) that builds from `options` and rejects
   unknown keys.
 
 Then, per kind (N teachers, B batch, H KV heads, T positions, D head_dim):
@@ -315,7 +315,7 @@ def _check_model(c: _Check, cls: type, config: ComponentConfig) -> None:
 
 def _check_loaded(c: _Check, source: ModelSource, geometry: ModelGeometry) -> None:
     loaded = source.load(device=torch.device("cpu"), dtype=torch.float32)
-    c.require(isinstance(loaded, LoadedModel), "load() must return a kvd.spec.models.LoadedModel")
+    c.require(isinstance(loaded, LoadedModel), "load() must return a kvd.models.LoadedModel")
     fields = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "layer_types")
     c.require(
         all(getattr(loaded.geometry, f) == getattr(geometry, f) for f in fields),
