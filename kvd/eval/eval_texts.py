@@ -20,6 +20,7 @@ from typing import Literal
 from kvd.core.errors import KvdError
 from kvd.core.manager import registry
 from kvd.data import Data, build_data, pack_documents, read_manifest, split_documents
+from kvd.data.split import goes_to_validation
 from kvd.run.rundir import holds_run
 from kvd.sources.byte_tokenizer import byte_tokenizer
 from kvd.spec.runspec import DataRef, RunSpec, parse_spec, read_yaml
@@ -58,7 +59,7 @@ def in_part(doc_id: str, part: Part) -> bool:
     its id, read as a fraction of 2**64, are below 1/2; `test` the others."""
     if part == "all":
         return True
-    tune = int(hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:16], 16) < 2**63
+    tune = goes_to_validation(hashlib.sha256(doc_id.encode("utf-8")).hexdigest(), 0.5)
     return tune == (part == "tune")
 
 

@@ -23,7 +23,12 @@ from kvd.data.batches import StudentBatches
 from kvd.data.packing import DataState
 from kvd.run.checkpoint import load_checkpoint, prune, rng_state, save_checkpoint, set_rng_state
 from kvd.run.evaluate import LMMetrics
-from kvd.run.parallel import full_model_state, full_optimizer_state, load_full_state
+from kvd.run.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_state,
+)
 from kvd.step.curriculum import Curriculum
 
 
@@ -85,6 +90,8 @@ class CheckpointManager:
         if self.rt.world > 1:
             rngs = [None] * self.rt.world
             dist.all_gather_object(rngs, rng_state())
+        if not (self.rt.main or is_sharded(self.model)):
+            return
         model = full_model_state(self.model)  # a sharded model's: every rank gathers
         optimizer = full_optimizer_state(self.model, self.optimizer)
         if not self.rt.main:

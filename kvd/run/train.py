@@ -306,6 +306,8 @@ class Trainer:
         """The student in HF format with its tokenizer, the heads, and the final metrics
         (results.json, last: it marks the run finished). Each is written whole or not at all;
         a failed write (a full disk) is a KvdError and the checkpoints stay as they were."""
+        if not (self.rt.main or is_sharded(self.model)):
+            return
         weights = full_model_state(self.model)  # a sharded model's: every rank gathers
         if not self.rt.main:
             return
@@ -323,18 +325,10 @@ class Trainer:
         results = {"step": state.step, "tokens": state.tokens, "validation": metrics.as_dict()}
         resolved = yaml.safe_load((self.run_dir / "spec.resolved.yaml").read_text())
         student = replace(self.student, model=self.model.student)
-        own = {
-            k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")
-        }
-        sharded = is_sharded(self.model)
-        write_student(
-            self.run_dir / "student",
-            student,
-            self.spec,
-            resolved,
-            results,
-            weights=own if sharded else None,
-        )
+        own = None  # save_pretrained cannot gather shards: a sharded student's whole tensors
+        if is_sharded(self.model):
+            own = {k[len("student.") :]: v for k, v in weights.items() if k.startswith("student.")}
+        write_student(self.run_dir / "student", student, self.spec, resolved, results, weights=own)
         heads = {
             k: v.detach().cpu().clone() for k, v in weights.items() if not k.startswith("student.")
         }
