@@ -121,12 +121,26 @@ def torchrun_train(spec: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=600)
 
 
+def train_one_process(spec: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    cmd = [sys.executable, "-m", "kvd.cli", "train", str(spec), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def keep_only_step_2(run: Path) -> None:
+    """The run as if killed during step 3: its step-2 checkpoint and no outputs."""
+    for gone in ("results.json", "heads.safetensors", "student", "checkpoints/step-00000004"):
+        shutil.rmtree(run / gone) if (run / gone).is_dir() else (run / gone).unlink()
+
+
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     """training.parallel: fsdp (FSDP2, every decoder layer sharded over 2 gloo processes) trains
-    as ddp does: the same loss at every step, the same exported student and heads; its
-    checkpoints (whole tensors) resume the run to the same losses; a resume that changes the
-    parallelism is refused."""
+    as ddp does: the same loss at every step, the same exported student and heads. Its
+    checkpoints are DCP files (one per rank, nothing gathered); they resume the run on 2
+    processes to the same losses, and on 1 process (with the same global batch) to the same
+    losses within the 1-vs-2-process tolerance; `kvd export` reads them. A resume that changes
+    the parallelism, or the global batch, or a ddp run's number of processes, is refused."""
     from safetensors.torch import load_file
 
     losses_ = [{"name": "kv_mse", "guard": "variance"}, {"name": "ce"}]
@@ -142,15 +156,39 @@ def test_fsdp_matches_ddp_and_resumes_from_its_checkpoint(tmp_path: Path) -> Non
         a, b = load_file(tmp_path / "ddp" / name), load_file(tmp_path / "fsdp" / name)
         assert sorted(a) == sorted(b), name
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
-    # the step-2 checkpoint alone (as if killed at step 3) resumes to the same losses
     run = tmp_path / "fsdp"
-    for gone in ("results.json", "heads.safetensors", "student", "checkpoints/step-00000004"):
-        shutil.rmtree(run / gone) if (run / gone).is_dir() else (run / gone).unlink()
+    files = {p.name for p in (run / "checkpoints" / "step-00000004").iterdir()}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= files
+    assert "model.safetensors" not in files  # each rank wrote its own shards
+    # kvd export reads a sharded checkpoint in one process: the student the run wrote
+    out = tmp_path / "exported"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvd.cli", "export", str(run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(out / "model.safetensors"), load_file(run / "student" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # the step-2 checkpoint alone resumes on 2 processes to the same losses
+    keep_only_step_2(run)
     proc = torchrun_train(tmp_path / "fsdp.yaml", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming the run" in proc.stderr + proc.stdout
     assert losses(run) == fsdp  # steps 3-4 again, equal to the uninterrupted run
+    # ... and on 1 process, once the per-process batch keeps the global batch (2 x 2)
+    keep_only_step_2(run)
+    proc = train_one_process(tmp_path / "fsdp.yaml", "--resume")
+    assert proc.returncode == 2 and "--set training.batch_size=4" in proc.stderr, proc.stderr
+    proc = train_one_process(tmp_path / "fsdp.yaml", "--resume", "--set", "training.batch_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run)[:2] == fsdp[:2]
+    assert losses(run)[2:] == pytest.approx(fsdp[2:], rel=TOLERANCE)
     (run / "results.json").unlink()
     proc = torchrun_train(tmp_path / "fsdp.yaml", "--resume", "--set", "training.parallel=ddp")
     assert proc.returncode != 0 and "training.parallel" in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # kvd's bad-input exit on the ranks (torchrun: 1)
+    # a ddp checkpoint holds every rank's place in its batches: it resumes on 2 processes only
+    keep_only_step_2(tmp_path / "ddp")
+    proc = train_one_process(tmp_path / "ddp.yaml", "--resume", "--set", "training.batch_size=4")
+    assert proc.returncode == 2 and "written by 2 process(es)" in proc.stderr, proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,3 +409,33 @@ def test_a_torn_metrics_record_is_left_out_and_dropped_on_resume(tmp_path: Path)
     assert path.read_text(encoding="utf-8") == "".join(
         json.dumps(r, sort_keys=True) + "\n" for r in whole
     )
+
+
+def test_a_sharded_checkpoint_is_hash_checked_and_resumes_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """training.parallel: fsdp writes torch.distributed.checkpoint files (here one process's)
+    under kvd's manifest: a shard whose bytes changed makes its checkpoint invalid, the run
+    resumes from the previous one, and the resumed steps equal the uninterrupted run's."""
+    data = tiny_spec(tmp_path / "run")
+    data["training"]["parallel"] = "fsdp"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    assert main(["train", str(spec)]) == 0
+    run = tmp_path / "run"
+    straight = losses(run)
+    last = run / "checkpoints" / "step-00000004"
+    assert {".metadata", "__0_0.distcp"} <= {p.name for p in last.iterdir()}
+    shard = last / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert verify(last) == "__0_0.distcp does not match its sha256"
+    (run / "results.json").unlink()
+    (run / "heads.safetensors").unlink()
+    shutil.rmtree(run / "student")
+    capsys.readouterr()
+    assert main(["train", str(spec)]) == 0
+    err = capsys.readouterr().err
+    assert f"ignoring checkpoint {last}" in err and "from step 2" in err
+    assert losses(run) == straight

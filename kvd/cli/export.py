@@ -18,9 +18,15 @@ import yaml
 from kvd.cli.errors import stdout
 from kvd.core.errors import KvdError
 from kvd.eval.eval_texts import is_run_dir, run_spec
-from kvd.run.checkpoint import list_checkpoints, load_checkpoint
+from kvd.run.checkpoint import (
+    is_sharded_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_run_state,
+)
 from kvd.run.export import write_student
 from kvd.run.onnx_export import require_onnx
+from kvd.run.parallel import read_sharded_weights
 from kvd.sources.build import load_model
 
 
@@ -75,10 +81,14 @@ def export_command(
         )
     spec = run_spec(run, base_dir)
     student = load_model(spec.student, torch.device("cpu"), "student", spec.seed)
-    saved = load_checkpoint(chosen.path)
-    weights = {k[len(PREFIX) :]: v for k, v in saved["model"].items() if k.startswith(PREFIX)}
-    student.model.load_state_dict(weights, strict=True)
-    state = saved["state"]
+    if is_sharded_checkpoint(chosen.path):  # read in place into the student's own tensors
+        into = {PREFIX + k: v for k, v in student.model.state_dict().items()}
+        read_sharded_weights(chosen.path, into)
+    else:
+        saved = load_checkpoint(chosen.path)["model"]
+        weights = {k[len(PREFIX) :]: v for k, v in saved.items() if k.startswith(PREFIX)}
+        student.model.load_state_dict(weights, strict=True)
+    state = load_run_state(chosen.path)["state"]
     results = {"step": chosen.step, "tokens": state.get("tokens")}
     resolved = yaml.safe_load((run / "spec.resolved.yaml").read_text())
     diff = write_student(out, student, spec, resolved, results, onnx=fmt is Format.onnx)

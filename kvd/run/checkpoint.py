@@ -1,5 +1,10 @@
 """Atomic checkpoints: written under a temporary name, fsynced, a sha256 manifest written last,
-then renamed into place. A checkpoint without a valid manifest is never loaded."""
+then renamed into place. A checkpoint without a valid manifest is never loaded.
+
+Two formats for the tensors, one for everything else (state.json, rng.pt, manifest.json):
+whole tensors (model.safetensors, optimizer.pt; one process or ddp) or, for a sharded (fsdp)
+run, torch.distributed.checkpoint's files (`.metadata` and one `__R_0.distcp` per rank), which
+any number of processes can load (kvd.run.parallel.load_sharded)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from kvd.core.errors import KvdError
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
+DCP_METADATA = ".metadata"
+"""The index file torch.distributed.checkpoint writes beside the ranks' `__R_0.distcp` files."""
 
 
 @dataclass(frozen=True)
@@ -68,27 +75,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    state: dict[str, Any],
-    rng: list[dict[str, Any]],
-) -> CheckpointInfo:
-    """Write `root/step-NNNNNNNN` atomically: weights (safetensors), optimizer and every rank's
-    RNG states (torch, loadable with weights_only=True), state.json, then manifest.json with
-    every file's sha256."""
+def staging(root: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final path) of the step-`step` checkpoint: the temporary one created
+    empty. Rank 0 calls it; a sharded save's ranks write into the temporary folder after it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp, final
+
+
+def write_whole(folder: Path, model: dict[str, torch.Tensor], optimizer: dict[str, Any]) -> None:
+    """Whole-tensor weights (safetensors, tied tensors once) and optimizer state (torch)."""
     tensors, aliases = _untie(model)
-    save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
-    torch.save(optimizer, tmp / "optimizer.pt")
+    save_file(tensors, folder / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+    torch.save(optimizer, folder / "optimizer.pt")
+
+
+def finish(
+    tmp: Path, final: Path, *, state: dict[str, Any], rng: list[dict[str, Any]]
+) -> CheckpointInfo:
+    """Complete a checkpoint whose tensors are in `tmp`: every rank's RNG states (torch,
+    loadable with weights_only=True), state.json, then manifest.json with the sha256 of every
+    file, and the rename into place."""
+    step = int(final.name[len(PREFIX) :])
     torch.save([_rng_to_saveable(r) for r in rng], tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     files = sorted(p.name for p in tmp.iterdir())
@@ -100,8 +112,23 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync(root)
+    _fsync(final.parent)
     return CheckpointInfo(final, step)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    state: dict[str, Any],
+    rng: list[dict[str, Any]],
+) -> CheckpointInfo:
+    """Write `root/step-NNNNNNNN` atomically with whole tensors (`write_whole`, `finish`)."""
+    tmp, final = staging(root, step)
+    write_whole(tmp, model, optimizer)
+    return finish(tmp, final, state=state, rng=rng)
 
 
 def _untie(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -192,13 +219,32 @@ def _safe_load(path: Path) -> Any:
         ) from None
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint in torch.distributed.checkpoint's format (one file per rank, `.metadata`),
+    as sharded (fsdp) runs write; else whole tensors (`write_whole`)."""
+    return (path / DCP_METADATA).is_file()
+
+
+def load_run_state(path: Path) -> dict[str, Any]:
+    """The run state (state.json) and per-rank RNG states of a verified checkpoint."""
+    return {
+        "rng": [_rng_from_saved(r) for r in _safe_load(path / "rng.pt")],
+        "state": json.loads((path / "state.json").read_text()),
+    }
+
+
+def written_by(path: Path) -> int:
+    """How many processes wrote the checkpoint at `path`."""
+    return int(json.loads((path / "state.json").read_text()).get("world", 1))
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Weights, optimizer state, run state and per-rank RNG of a verified checkpoint."""
+    """Weights, optimizer state, run state and per-rank RNG of a verified whole-tensor
+    checkpoint."""
     return {
         "model": _load_weights(path / "model.safetensors"),
         "optimizer": _safe_load(path / "optimizer.pt"),
-        "rng": [_rng_from_saved(r) for r in _safe_load(path / "rng.pt")],
-        "state": json.loads((path / "state.json").read_text()),
+        **load_run_state(path),
     }
 
 

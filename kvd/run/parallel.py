@@ -8,16 +8,23 @@
   root group; parameters, gradients and AdamW's
   state are each 1/world per process, gathered a group at a time for forward and backward.
 
-Checkpoints hold full tensors in both (gathered by every rank, written by rank 0), so the files
-of an `fsdp` run look like those of a `ddp` one apart from the optimizer state, which is keyed
-by parameter name; a run resumes with the parallelism it was written with.
+Checkpoints of a `ddp` run hold whole tensors (written by rank 0). A sharded run writes
+torch.distributed.checkpoint (DCP) files: each rank writes its own shards, nothing is gathered,
+and a later job with another number of processes reshards them as it loads (`load_sharded`;
+one process loads them into a whole model). A run resumes with the parallelism it was written
+with.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -26,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -76,29 +85,42 @@ def full_model_state(model: nn.Module) -> dict[str, Any]:
     return model.state_dict()
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state: as `optimizer.state_dict()` for a whole model, keyed by parameter
-    name with whole tensors for a sharded one (every rank must call it then)."""
-    if is_sharded(model):
-        return get_optimizer_state_dict(model, optimizer, options=FULL)
-    return optimizer.state_dict()
+@contextmanager
+def _one_process_ok() -> Iterator[None]:
+    """Silence DCP's warning that it runs in a single process: kvd means it (no_dist)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def load_full_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    model_state: dict[str, Any],
-    optimizer_state: dict[str, Any],
-) -> None:
-    """Load whole-tensor states (from `full_model_state`, `full_optimizer_state`); each rank of
-    a sharded model keeps its own shard of each tensor."""
-    if is_sharded(model):
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-        return
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Write the model's and optimizer's states to `folder` in DCP format: each rank its own
+    shards (every rank must call; `folder` is on a file system all ranks share)."""
+    state = {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+    with _one_process_ok():
+        dcp_save(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Load DCP states written by `save_sharded` with any number of processes: each rank reads
+    the parts of each tensor it holds (a whole model on one process reads whole tensors)."""
+    model_state = get_model_state_dict(model)
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    states = {"model": model_state, "optimizer": optimizer_state}
+    with _one_process_ok():
+        dcp_load(states, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optimizer_state)
+
+
+def read_sharded_weights(folder: Path, into: dict[str, torch.Tensor]) -> None:
+    """Fill the tensors of `into` (named as in the run's model state, e.g.
+    `student.lm_head.weight`) in place from the sharded checkpoint in `folder`, in one process."""
+    with _one_process_ok():
+        dcp_load({"model": into}, checkpoint_id=folder, no_dist=True)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

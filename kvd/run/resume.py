@@ -27,8 +27,13 @@ HARMLESS_CHANGES = (
 teacher cache holds exactly the targets the live teachers give, checked by its fingerprint)."""
 
 
-def check_same_run(run_dir: Path, spec: RunSpec) -> None:
-    """A run resumes only with the spec it started with; harmless changes only warn."""
+def check_same_run(run_dir: Path, spec: RunSpec, worlds: tuple[int, int] = (1, 1)) -> None:
+    """A run resumes only with the spec it started with; harmless changes only warn.
+
+    `worlds`: the processes that wrote the checkpoint resumed from, and this job's. A ddp run
+    resumes on as many processes as it had; an fsdp run (sharded checkpoints) on any number,
+    provided the global batch (training.batch_size x processes) stays the same, so it sees the
+    same batches."""
     stored = run_dir / "spec.resolved.yaml"
     if not stored.exists():
         raise KvdError(f"output.dir {run_dir}: holds a run without spec.resolved.yaml")
@@ -42,7 +47,10 @@ def check_same_run(run_dir: Path, spec: RunSpec) -> None:
         k for k in dotted_differences(before, spec.model_dump(mode="json")) if k != "output.dir"
     ]
     harmless = [k for k in changed if k.startswith(HARMLESS_CHANGES)]
-    altering = [k for k in changed if k not in harmless]
+    altering = [k for k in changed if k not in harmless and k != BATCH]
+    if not altering:
+        _check_global_batch(run_dir, spec, before["training"]["batch_size"], worlds)
+        harmless += [BATCH] if BATCH in changed else []
     if altering:
         raise KvdError(
             f"output.dir {run_dir}: holds a run of a different spec; changed: "
@@ -52,6 +60,31 @@ def check_same_run(run_dir: Path, spec: RunSpec) -> None:
         )
     if harmless:
         print(f"kvd: warning: resuming with changed {', '.join(harmless)}", file=sys.stderr)
+
+
+BATCH = "training.batch_size"
+
+
+def _check_global_batch(run_dir: Path, spec: RunSpec, before: int, worlds: tuple[int, int]) -> None:
+    """The resumed job's global batch is the checkpoint's (see `check_same_run`)."""
+    (was, now), after = worlds, spec.training.batch_size
+    if was != now and spec.training.parallel == "ddp":
+        raise KvdError(
+            f"output.dir {run_dir}: its checkpoint was written by {was} process(es), and this "
+            f"job has {now}",
+            hint="resume ddp runs with the same number of processes (torchrun "
+            "--nproc_per_node); fsdp runs' checkpoints load on any number",
+        )
+    if before * was == after * now:
+        return
+    fits = before * was % now == 0
+    raise KvdError(
+        f"{BATCH}: {after} per process x {now} process(es) is a global batch of {after * now}; "
+        f"the run in {run_dir} trained with {before * was} ({before} x {was})",
+        hint=f"resume with --set {BATCH}={before * was // now}"
+        if fits
+        else f"resume on a number of processes that divides {before * was}",
+    )
 
 
 def resume_point(run_dir: Path, resume: Path | None) -> Path | None:

@@ -21,14 +21,19 @@ from kvd.core.files import json_text, write_atomic
 from kvd.core.runtime import Runtime
 from kvd.data.batches import StudentBatches
 from kvd.data.packing import DataState
-from kvd.run.checkpoint import load_checkpoint, prune, rng_state, save_checkpoint, set_rng_state
-from kvd.run.evaluate import LMMetrics
-from kvd.run.parallel import (
-    full_model_state,
-    full_optimizer_state,
-    is_sharded,
-    load_full_state,
+from kvd.run.checkpoint import (
+    finish,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_run_state,
+    prune,
+    rng_state,
+    set_rng_state,
+    staging,
+    write_whole,
 )
+from kvd.run.evaluate import LMMetrics
+from kvd.run.parallel import load_sharded, save_sharded
 from kvd.step.curriculum import Curriculum
 
 
@@ -61,9 +66,12 @@ class RunState:
 
 
 class CheckpointManager:
-    """Atomic checkpoints of `model`, `optimizer` and `state` in RUN/checkpoints (rank 0
-    writes; every rank's RNG goes in), the newest `keep` kept besides the best, recorded in
-    RUN/best.json."""
+    """Atomic checkpoints of `model`, `optimizer` and `state` in RUN/checkpoints, with every
+    rank's RNG, the newest `keep` kept besides the best, recorded in RUN/best.json.
+
+    `sharded`: write torch.distributed.checkpoint files (each rank its own shards; loadable by
+    any number of processes), as `training.parallel: fsdp` does; else whole tensors, which
+    rank 0 writes. Rank 0 writes the rest and completes the checkpoint."""
 
     def __init__(
         self,
@@ -74,6 +82,7 @@ class CheckpointManager:
         optimizer: Optimizer,
         state: RunState,
         keep: int,
+        sharded: bool,
     ) -> None:
         self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
@@ -82,31 +91,26 @@ class CheckpointManager:
         self.optimizer = optimizer
         self.state = state
         self.keep = keep
+        self.sharded = sharded
         self.best: tuple[float, Path] | None = None
 
     def save(self, val_bpb: float | None) -> None:
         """Save the state at the current step; `val_bpb` is its validation bits/byte, if any."""
+        step = self.state.step
         rngs: list[Any] = [rng_state()]
         if self.rt.world > 1:
             rngs = [None] * self.rt.world
             dist.all_gather_object(rngs, rng_state())
-        if not (self.rt.main or is_sharded(self.model)):
-            return
-        model = full_model_state(self.model)  # a sharded model's: every rank gathers
-        optimizer = full_optimizer_state(self.model, self.optimizer)
-        if not self.rt.main:
-            return
-        step = self.state.step
-        state = {**self.state.state_dict(), "val_bits_per_byte": val_bpb, "world": self.rt.world}
         try:
-            info = save_checkpoint(
-                self.root,
-                step,
-                model=model,
-                optimizer=optimizer,
-                state=state,
-                rng=rngs,
-            )
+            paths = self._tensors(step)
+            if paths is None:  # not rank 0
+                return
+            state = {
+                **self.state.state_dict(),
+                "val_bits_per_byte": val_bpb,
+                "world": self.rt.world,
+            }
+            info = finish(*paths, state=state, rng=rngs)
         except OSError as exc:
             raise KvdError(
                 f"could not write the step-{step} checkpoint in {self.root}: {exc}; the previous "
@@ -121,17 +125,40 @@ class CheckpointManager:
             )
         prune(self.root, self.keep, {self.best[1]} if self.best else set())
 
+    def _tensors(self, step: int) -> tuple[Path, Path] | None:
+        """Write the model's and optimizer's tensors into the step's temporary folder (a
+        collective when sharded); on rank 0 (temporary folder, final path), else None."""
+        paths = [staging(self.root, step) if self.rt.main else None]
+        if self.sharded:
+            if self.rt.world > 1:  # every rank writes into the folder rank 0 made
+                dist.broadcast_object_list(paths, src=0)
+            assert paths[0] is not None
+            save_sharded(self.model, self.optimizer, paths[0][0])
+        elif paths[0] is not None:
+            write_whole(paths[0][0], self.model.state_dict(), self.optimizer.state_dict())
+        return paths[0] if self.rt.main else None
+
     def restore(self, path: Path) -> None:
-        """Load the checkpoint at `path` into the model, optimizer, state and this rank's RNG."""
-        saved = load_checkpoint(path)
-        load_full_state(self.model, self.optimizer, saved["model"], saved["optimizer"])
-        self.state.load_state_dict(saved["state"])
-        if len(saved["rng"]) != self.rt.world:
+        """Load the checkpoint at `path` into the model, optimizer, state and RNG. A sharded
+        checkpoint loads on any number of processes; rank r takes the RNG rank r saved (a rank
+        the checkpoint did not have keeps its own)."""
+        if is_sharded_checkpoint(path) != self.sharded:
+            kinds = ("whole-tensor", "sharded (DCP)")
             raise KvdError(
-                f"{path}: written by {len(saved['rng'])} process(es), resumed with {self.rt.world}",
-                hint="resume with the same number of processes (torchrun --nproc_per_node)",
+                f"{path}: a {kinds[is_sharded_checkpoint(path)]} checkpoint, and this run "
+                f"writes {kinds[self.sharded]} ones",
+                hint="resume with the run's own training.parallel",
             )
-        set_rng_state(saved["rng"][self.rt.rank])
+        saved = load_run_state(path)
+        if self.sharded:
+            load_sharded(self.model, self.optimizer, path)
+        else:
+            whole = load_checkpoint(path)
+            self.model.load_state_dict(whole["model"])
+            self.optimizer.load_state_dict(whole["optimizer"])
+        self.state.load_state_dict(saved["state"])
+        if self.rt.rank < len(saved["rng"]):
+            set_rng_state(saved["rng"][self.rt.rank])
         best = self.run_dir / "best.json"
         if best.exists():
             info = json.loads(best.read_text())

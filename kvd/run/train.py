@@ -26,6 +26,7 @@ from kvd.core.progress import Progress
 from kvd.core.runtime import Preempted, PreemptionFlag, Runtime, oom_guard, setup_runtime
 from kvd.data import write_manifest
 from kvd.run.assemble import assemble
+from kvd.run.checkpoint import written_by
 from kvd.run.evaluate import LMMetrics, evaluate_lm
 from kvd.run.export import write_student
 from kvd.run.parallel import distribute, full_model_state, is_sharded, local, whole
@@ -129,6 +130,7 @@ class Trainer:
             optimizer=self.optimizer,
             state=self.state,
             keep=tr.keep_checkpoints,
+            sharded=tr.parallel == "fsdp",
         )
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -436,9 +438,11 @@ def _train(
                 f"output.dir {run_dir}: already holds a finished run",
                 hint="pick another dir with --set output.dir=...",
             )
-        check_same_run(run_dir, spec)  # the same command again continues an unfinished run
         resume = resume or True
         checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None)
+        # the same command again continues an unfinished run
+        written = written_by(checkpoint) if checkpoint else runtime.world
+        check_same_run(run_dir, spec, (written, runtime.world))
         if runtime.main:
             step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
             print(f"kvd: resuming the run in {run_dir} from step {step}", file=sys.stderr)

@@ -276,8 +276,10 @@ class TrainingSpec(Strict):
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp (each process holds the whole student and heads, gradients are
     all-reduced) or fsdp (FSDP2: each decoder layer and the rest sharded over the processes, so
-    weights, gradients and optimizer state take 1/world of the memory each). A run resumes with
-    the parallelism it was written with."""
+    weights, gradients and optimizer state take 1/world of the memory each; checkpoints in
+    torch.distributed.checkpoint format, each process writing its shards, and a resume on any
+    number of processes with the same global batch). A run resumes with the parallelism it was
+    written with."""
     log_every: int = Field(1, ge=1)
     """Write a metrics.jsonl record every this many steps."""
     checkpoint_every: int = Field(100, ge=1)
