@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -135,18 +136,20 @@ def keep_only_step_2(run: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    """training.parallel: fsdp (FSDP2, every decoder layer sharded over 2 gloo processes) trains
-    as ddp does: the same loss at every step, the same exported student and heads. Its
-    checkpoints are DCP files (one per rank, nothing gathered); they resume the run on 2
-    processes to the same losses, and on 1 process (with the same global batch) to the same
-    losses within the 1-vs-2-process tolerance; `kvd export` reads them. A resume that changes
-    the parallelism, or the global batch, or a ddp run's number of processes, is refused."""
+    """training.parallel: fsdp (FSDP2, every decoder layer sharded over 2 gloo processes; the
+    teachers sharded too, training.teacher_parallel: fsdp) trains as ddp does: the same loss at
+    every step, the same exported student and heads. Its checkpoints are DCP files (one per
+    rank, nothing gathered); they resume the run on 2 processes to the same losses, and on 1
+    process (with the same global batch) to the same losses within the 1-vs-2-process
+    tolerance; `kvd export` reads them. A resume that changes the parallelism, or the global
+    batch, or a ddp run's number of processes, is refused."""
     from safetensors.torch import load_file
 
     losses_ = [{"name": "kv_mse", "guard": "variance"}, {"name": "ce"}]
     for parallel in ("ddp", "fsdp"):
         data = tiny_spec(tmp_path / parallel, losses=losses_)
         data["training"] |= {"batch_size": 2, "parallel": parallel, "checkpoint_every": 2}
+        data["training"]["teacher_parallel"] = "fsdp" if parallel == "fsdp" else "replicate"
         (tmp_path / f"{parallel}.yaml").write_text(yaml.safe_dump(data))
         proc = torchrun_train(tmp_path / f"{parallel}.yaml")
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -192,3 +195,34 @@ def test_fsdp_matches_ddp_and_resumes_from_its_checkpoint(tmp_path: Path) -> Non
     keep_only_step_2(tmp_path / "ddp")
     proc = train_one_process(tmp_path / "ddp.yaml", "--resume", "--set", "training.batch_size=4")
     assert proc.returncode == 2 and "written by 2 process(es)" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_sharded_teachers_give_the_targets_of_whole_ones(tmp_path: Path) -> None:
+    """training.teacher_parallel: fsdp shards each teacher over the processes; on every rank,
+    K/V (captured, un-rotated, aligned), logits and per-sequence CE are bit-identical to whole
+    teachers', for bf16 teachers over gloo (tests/dist_targets.py)."""
+    losses_ = [{"name": "kv_mse"}, {"name": "logit_kd", "teachers": ["llama"]}, {"name": "ce"}]
+    data = tiny_spec(tmp_path / "run", losses=losses_, fusion={"name": "lowest_ce"})
+    for teacher in data["teachers"]:
+        teacher["dtype"] = "bfloat16"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tests.dist_targets"]
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "spec.yaml"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["sharded_teacher_params"] == ["DTensor"]  # the teachers were sharded
+        kinds = {name.rsplit("/", 1)[-1] for name in report["names"]}
+        assert {"k0", "k1", "v0", "v1", "logits", "ce", "mask"} <= kinds
+        assert report["equal"] == report["names"]

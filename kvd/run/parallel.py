@@ -35,21 +35,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from kvd.core.runtime import Runtime
+from kvd.modeling.sharding import decoder_layers, process_mesh
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Whole tensors on the CPU, gathered from every rank's shards (a collective: all ranks call)."""
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules of a transformers model that transformers itself never splits across devices
-    (`_no_split_modules`: its decoder layers), in order."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def distribute(model: nn.Module, runtime: Runtime, parallel: str, *, multi_stage: bool) -> Any:
@@ -60,7 +53,7 @@ def distribute(model: nn.Module, runtime: Runtime, parallel: str, *, multi_stage
         return model
     dev = runtime.device
     if parallel == "fsdp":
-        mesh = init_device_mesh(dev.type, (runtime.world,))
+        mesh = process_mesh(dev.type, runtime.world)
         student = getattr(model, "student", model)
         for layer in decoder_layers(student):
             fully_shard(layer, mesh=mesh)

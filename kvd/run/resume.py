@@ -21,10 +21,12 @@ HARMLESS_CHANGES = (
     "training.max_nonfinite",
     "training.device",
     "training.teacher_cache",
+    "training.teacher_parallel",
     "evaluation",
 )
 """Spec keys a resumed run may change: they alter logging and bookkeeping, not the result (a
-teacher cache holds exactly the targets the live teachers give, checked by its fingerprint)."""
+teacher cache holds exactly the targets the live teachers give, checked by its fingerprint;
+sharded teachers give bit-identical targets, tests/test_distributed.py)."""
 
 
 def check_same_run(run_dir: Path, spec: RunSpec, worlds: tuple[int, int] = (1, 1)) -> None:

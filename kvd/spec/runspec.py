@@ -280,6 +280,11 @@ class TrainingSpec(Strict):
     torch.distributed.checkpoint format, each process writing its shards, and a resume on any
     number of processes with the same global batch). A run resumes with the parallelism it was
     written with."""
+    teacher_parallel: Literal["replicate", "fsdp"] = "replicate"
+    """Under torchrun: replicate (every process holds every teacher whole) or fsdp (each
+    teacher's decoder layers and the rest sharded over the processes, gathered one layer at a
+    time in its forward: a process holds 1/world of each teacher plus one layer). The targets
+    are the same either way."""
     log_every: int = Field(1, ge=1)
     """Write a metrics.jsonl record every this many steps."""
     checkpoint_every: int = Field(100, ge=1)

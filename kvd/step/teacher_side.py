@@ -25,10 +25,11 @@ from kvd.core.types import TokenBatch
 from kvd.data import Data
 from kvd.data.batches import StudentBatches
 from kvd.modeling.head import OutputHead
+from kvd.modeling.sharding import process_mesh, shard_frozen
 from kvd.sources.build import layer_plans, load_model
 from kvd.spec.geometry import ModelGeometry
 from kvd.spec.models import LoadedModel
-from kvd.spec.runspec import RunSpec
+from kvd.spec.runspec import RunSpec, TeacherRef
 from kvd.step.curriculum import Curriculum, Stage, logit_teachers, uses_teachers
 from kvd.step.targets import TeacherRuntime, TeacherTargets, teacher_targets
 from kvd.step.teacher_cache import FORMAT, CacheWriter, TeacherCache, pack
@@ -66,20 +67,7 @@ class TeacherSide:
         self.cache: TeacherCache | None = None
         if spec.training.teacher_cache and use_cache and refs:
             self.cache = TeacherCache.open(Path(spec.training.teacher_cache), self.fingerprint())
-        loaded = (
-            {}
-            if self.cache
-            else {
-                ref.id: load_model(ref, runtime.device, f"teachers.{i}", spec.seed)
-                for i, ref in enumerate(spec.teachers)
-                if ref.id in geometries
-            }
-        )
-        for model in loaded.values():
-            # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
-            # on CPU it sends a bf16 tied LM head down a path that copies the whole weight per call
-            # (Gemma-3: 0.4 s -> 4.7 s per forward, measured).
-            model.model.eval()
+        loaded = {} if self.cache else self._load(refs)
         if self.cache is not None:
             plans = {
                 tid: LayerPlan([tuple((int(t), w) for t, w in pairs) for pairs in sources])
@@ -106,6 +94,25 @@ class TeacherSide:
         self._map_vocabularies(geometries)
         self.shapes = {tid: g.kv_shape for tid, g in geometries.items()}
         """KV shape per teacher id."""
+
+    def _load(self, refs: list[TeacherRef]) -> dict[str, LoadedModel]:
+        """Load each teacher (sharded right after it loads under teacher_parallel: fsdp, so a
+        process never holds more than one whole teacher)."""
+        mesh = None
+        if self.spec.training.teacher_parallel == "fsdp" and self.rt.world > 1:
+            mesh = process_mesh(self.rt.device.type, self.rt.world)
+        index = {ref.id: i for i, ref in enumerate(self.spec.teachers)}
+        loaded = {}
+        for ref in refs:
+            model = load_model(ref, self.rt.device, f"teachers.{index[ref.id]}", self.spec.seed)
+            # eval and no_grad (in teacher_targets) keep teachers frozen. Not requires_grad_(False):
+            # on CPU it sends a bf16 tied LM head down a path that copies the whole weight per call
+            # (Gemma-3: 0.4 s -> 4.7 s per forward, measured).
+            model.model.eval()
+            if mesh is not None:
+                shard_frozen(model.model, mesh)
+            loaded[ref.id] = model
+        return loaded
 
     def _map_vocabularies(self, geometries: dict[str, ModelGeometry]) -> None:
         """Give each loaded teacher whose logits a loss reads its map onto the student's
