@@ -6,8 +6,9 @@ process, in global student tokens per second, and the peak resident memory of a 
 Each configuration is a fresh, real `kvd train` run of the same spec (tiny3; smoke under
 --smoke) in a temp dir, for 2 warm-up + N steps: one process with a thread per core, two
 processes with an equal share of the cores each, and (not under --smoke) one process with that
-share alone, the reference for scaling efficiency; the two processes run once with
-training.parallel ddp and once with fsdp (FSDP2: the learned parts sharded). kvd gives every
+share alone, the reference for scaling efficiency; the two processes run with
+training.parallel ddp, with fsdp (FSDP2: the learned parts sharded), and with fsdp and
+training.teacher_parallel fsdp (the teachers sharded too). kvd gives every
 rank training.batch_size texts, so two processes train on twice the global batch per step: the
 comparison is the step record's tokens_per_s (global student tokens per second), not step time.
 Medians over the steps after the warm-up ones. The runs share the machine with whatever else
@@ -45,6 +46,14 @@ class Config:
     processes: int
     threads: int  # OMP_NUM_THREADS of each process
     parallel: str = "ddp"  # training.parallel (one process: neither)
+    teacher_parallel: str = "replicate"  # training.teacher_parallel
+
+    @property
+    def placement(self) -> str:
+        """The table's `parallel` cell."""
+        if self.processes == 1:
+            return "-"
+        return self.parallel + (", teachers fsdp" if self.teacher_parallel == "fsdp" else "")
 
 
 @dataclass
@@ -86,14 +95,15 @@ def cores() -> int:
 
 
 def run_spec(
-    spec_data: dict[str, Any], out_dir: Path, steps: int, device: str, parallel: str
+    spec_data: dict[str, Any], out_dir: Path, steps: int, device: str, config: Config
 ) -> dict[str, Any]:
     """`spec_data` as one short run into `out_dir`: every step logged, one validation batch
     and one checkpoint, both at the end."""
     spec = dict(spec_data)
     spec["training"] = dict(
         spec["training"],
-        parallel=parallel,
+        parallel=config.parallel,
+        teacher_parallel=config.teacher_parallel,
         max_steps=steps,
         log_every=1,
         checkpoint_every=steps,
@@ -105,13 +115,14 @@ def run_spec(
 
 
 def trained_mib(out_dir: Path) -> float:
-    """MiB of the weights in the run's last checkpoint (student + projectors), a tied tensor
-    counted once: what DDP all-reduces as gradients every step (fp32 here)."""
+    """MiB of the weights the run wrote (the student and its heads: projectors, fusion), a tied
+    tensor counted once: what DDP all-reduces as gradients every step (fp32 here)."""
     from safetensors.torch import load_file
 
-    last = sorted(out_dir.glob("checkpoints/*/model.safetensors"))[-1]
+    written = load_file(out_dir / "student" / "model.safetensors")
+    written |= {f"heads.{k}": v for k, v in load_file(out_dir / "heads.safetensors").items()}
     kept: list[torch.Tensor] = []
-    for tensor in load_file(last).values():
+    for tensor in written.values():
         if not any(t.shape == tensor.shape and torch.equal(t, tensor) for t in kept):
             kept.append(tensor)
     return sum(t.numel() * t.element_size() for t in kept) / 2**20
@@ -139,10 +150,10 @@ def measure(
     config: Config, spec_data: dict[str, Any], tmp: Path, steps: int, device: str
 ) -> Measured:
     """Run `kvd train` as `config` says and read its step records."""
-    name = f"{config.processes}p{config.threads}t-{config.parallel}"
+    name = f"{config.processes}p{config.threads}t-{config.parallel}-{config.teacher_parallel}"
     out_dir = tmp / name
     spec_path = tmp / f"{name}.yaml"
-    spec_data = run_spec(spec_data, out_dir, steps, device, config.parallel)
+    spec_data = run_spec(spec_data, out_dir, steps, device, config)
     spec_path.write_text(yaml.safe_dump(spec_data))
     env = dict(bench_env(), OMP_NUM_THREADS=str(config.threads))
     cmd = command(config.processes, spec_path)
@@ -198,8 +209,9 @@ def measure(
     )
 
 
-def fsdp_verdict(ddp: Measured, fsdp: Measured) -> str:
-    """FSDP against DDP on the same processes: speed and a rank's memory."""
+def fsdp_verdict(ddp: Measured, fsdp: Measured, sharded: Measured) -> str:
+    """FSDP against DDP on the same processes: speed and a rank's memory; then the teachers
+    sharded as well."""
     return (
         f" Under training.parallel fsdp the same two processes reach "
         f"{fsdp.tokens_per_s / ddp.tokens_per_s:.2f}x DDP's tokens/s with a rank's peak "
@@ -208,7 +220,10 @@ def fsdp_verdict(ddp: Measured, fsdp: Measured) -> str:
         "weights before its forward and backward and reduce-scatters its gradients, more "
         "messages than DDP's one all-reduce, for 1/2 of the learned parts' weights, gradients "
         "and AdamW state per rank; the resident memory also holds the teachers, the data and "
-        "Python, which no parallelism shards here."
+        "Python. With the teachers sharded too (training.teacher_parallel fsdp), "
+        f"{sharded.tokens_per_s / ddp.tokens_per_s:.2f}x DDP's tokens/s and a rank's peak at "
+        f"{sharded.peak_rss_mib / ddp.peak_rss_mib:.2f}x DDP's ({sharded.peak_rss_mib:.0f} MiB): "
+        "every teacher forward now gathers each layer's weights from the other rank."
     )
 
 
@@ -257,12 +272,15 @@ def main() -> None:
     ref_c = Config("1 process, per-process share (reference)", 1, share)
     two_c = Config("2 processes (torchrun, gloo), ddp", 2, share)
     fsdp_c = Config("2 processes (torchrun, gloo), fsdp", 2, share, "fsdp")
+    both_c = Config("2 processes (torchrun, gloo), fsdp + teachers", 2, share, "fsdp", "fsdp")
     # --smoke skips the reference: every run costs ~10 s of start-up and loading
-    configs = [full_c, two_c, fsdp_c] if args.smoke else [full_c, ref_c, two_c, fsdp_c]
+    configs = [full_c, two_c, fsdp_c, both_c]
+    if not args.smoke:
+        configs.insert(1, ref_c)
     with tempfile.TemporaryDirectory(prefix="kvd-bench-ddp-") as tmp:
         results = [measure(c, spec_data, Path(tmp), steps, args.device) for c in configs]
-    full, two, fsdp = results[0], results[-2], results[-1]
-    ref = results[1] if len(results) == 4 else None
+    full, two, fsdp, both = results[0], results[-3], results[-2], results[-1]
+    ref = results[1] if len(results) == 5 else None
     rows = []
     for m in results:
         c = m.config
@@ -277,7 +295,7 @@ def main() -> None:
             [
                 c.label,
                 c.processes,
-                c.parallel if c.processes > 1 else "-",
+                c.placement,
                 threads,
                 round(m.tokens),
                 m.step_s,
@@ -297,7 +315,8 @@ def main() -> None:
         f"ddp ({setup}, {n} cores): 2 processes {two.tokens_per_s:.0f} tok/s vs 1 process "
         f"{full.tokens_per_s:.0f} tok/s ({speedup:.2f}x){reference}; fsdp "
         f"{fsdp.tokens_per_s:.0f} tok/s, rank peak {fsdp.peak_rss_mib:.0f} vs ddp "
-        f"{two.peak_rss_mib:.0f} MiB"
+        f"{two.peak_rss_mib:.0f} MiB; fsdp + teachers {both.tokens_per_s:.0f} tok/s, rank "
+        f"peak {both.peak_rss_mib:.0f} MiB"
     )
     body = (
         f"Setup `{setup}`, real `kvd train` runs on {args.device}, one after another: {WARMUP} "
@@ -330,7 +349,7 @@ def main() -> None:
         )
         + "\n\n"
         + verdict(full, ref, two, n)
-        + fsdp_verdict(two, fsdp)
+        + fsdp_verdict(two, fsdp, both)
     )
     write_section(args.results, "ddp", "DDP and FSDP on CPU: 2 processes vs 1", body)
 

@@ -27,9 +27,10 @@ def test_ddp_smoke_writes_tokens_per_s_for_one_process_and_two_under_ddp_and_fsd
         ("1", "-"),
         ("2", "ddp"),
         ("2", "fsdp"),
+        ("2", "fsdp, teachers fsdp"),
     ]
     assert all(float(row["tokens/s"]) > 0 and float(row["rank peak RSS MiB"]) > 0 for row in rows)
-    two, fsdp = (row for row in rows if row["processes"] == "2")
-    assert fsdp["tokens/step"] == two["tokens/step"]  # the same batches, sharded weights
+    two, fsdp, both = (row for row in rows if row["processes"] == "2")
+    assert fsdp["tokens/step"] == two["tokens/step"] == both["tokens/step"]  # the same batches
     one = next(row for row in rows if row["processes"] == "1")
     assert float(two["tokens/step"]) > float(one["tokens/step"])  # each rank its own batch

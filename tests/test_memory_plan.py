@@ -36,7 +36,7 @@ def plans(
 ) -> dict[str, MemoryPlan]:
     plan = spec_plan(spec_sources(spec, "spec"), Choices.from_spec(spec))
     found = memory_plans(spec, plan, ranks=ranks, budget=budget, cuda_runtime=cuda_runtime)
-    return {m.parallel: m for m in found}
+    return {m.parallel if m.teacher_parallel == "replicate" else "fsdp_teachers": m for m in found}
 
 
 def items(plan: MemoryPlan) -> dict[str, int]:
@@ -74,8 +74,16 @@ def test_ddp_holds_everything_per_rank_and_fsdp_shards_it(tmp_path: Path) -> Non
     for name in ("student + projectors", "gradients", "optimizer state"):
         assert fsdp2[name] == pytest.approx(ddp2[name] / 2, abs=8), name
     assert ddp2["optimizer state"] == 2 * ddp2["gradients"]  # AdamW: two fp32 moments
-    assert fsdp2["teachers"] == ddp2["teachers"]  # kvd shards only the learned parts
+    assert fsdp2["teachers"] == ddp2["teachers"]  # parallel shards only the learned parts
     assert fsdp2["student activations"] == ddp2["student activations"]  # per rank's batch
+    # teacher_parallel: fsdp halves the teachers on 2 ranks; a forward gathers one teacher's
+    # embeddings, norm and head and two decoder layers
+    sharded = items(two["fsdp_teachers"])
+    assert sharded["teachers"] == pytest.approx(ddp2["teachers"] / 2, abs=8)
+    assert sharded["teacher forward"] > fsdp2["teacher forward"]
+    assert {k: v for k, v in sharded.items() if not k.startswith(("teacher", "CUDA"))} == {
+        k: v for k, v in fsdp2.items() if not k.startswith(("teacher", "CUDA"))
+    }
 
 
 def test_dtype_batch_and_teacher_cache_move_the_right_lines(tmp_path: Path) -> None:
@@ -144,24 +152,30 @@ def test_cli_says_what_fits_and_exits_1_when_no_plan_fits(
     spec = preset_spec(tmp_path / "big.yaml")
     code, out = run(capsys, str(spec), "--gpus", "8", "--gpu-memory", "80GB")
     assert code == 0, out
-    assert "memory per GPU: 8 GPU(s)" in out and "training.parallel: fsdp" in out
+    assert "memory per GPU: 8 GPU(s)" in out and "parallel=fsdp" in out
     assert "optimizer state" in out and "CUDA runtime" in out
     code, out = run(capsys, str(spec), "--gpus", "8", "--gpu-memory", "60GB")
     assert code == 0, out  # fsdp fits where ddp does not
     assert "NO" in out and "yes" in out
     code, out = run(capsys, str(spec), "--gpus", "8", "--gpu-memory", "32GB")
+    assert code == 0, out  # only with the teachers sharded too (24 GiB against 52 and 72)
+    code, out = run(capsys, str(spec), "--gpus", "8", "--gpu-memory", "16GB")
     assert code == 1
-    assert "does not fit 29.8 GiB per GPU: ddp needs" in out and "fsdp needs" in out
+    said = " ".join(out.split())  # as one line, however the terminal wrapped it
+    assert "does not fit 14.9 GiB per GPU: parallel=ddp, teacher_parallel=replicate needs" in said
+    assert "parallel=fsdp, teacher_parallel=fsdp needs" in said
     code, out = run(capsys, str(spec), "--gpus", "2", "--gpu-memory", "80GB", "--json")
     data = json.loads(out)
-    ddp, fsdp = data["memory"]
+    ddp, fsdp, both = data["memory"]
     assert (ddp["parallel"], fsdp["parallel"]) == ("ddp", "fsdp") and ddp["ranks"] == 2
+    assert (fsdp["teacher_parallel"], both["teacher_parallel"]) == ("replicate", "fsdp")
     assert ddp["budget_bytes"] == 80 * 10**9
     # the teachers' forward and the student's step do not overlap: the larger phase counts
     assert ddp["total_bytes"] == sum(ddp["items"].values()) - ddp["items"]["teacher forward"]
     # 7.6e9 + 8.0e9 parameters in bf16: 31 GB of teachers on every rank, ddp or fsdp
     assert 30e9 < ddp["items"]["teachers"] == fsdp["items"]["teachers"] < 32e9
     assert fsdp["items"]["optimizer state"] < ddp["items"]["optimizer state"] / 1.9
+    assert 15e9 < both["items"]["teachers"] < 16e9  # teacher_parallel: fsdp, half on each rank
 
 
 def test_cli_bad_memory_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -120,9 +120,12 @@ def check_shapes(
 
 
 def _does_not_fit(memory: list[MemoryPlan]) -> str:
-    need = ", ".join(f"{m.parallel} needs {_bytes(m.total)}" for m in memory)
+    need = ", ".join(f"{m.label} needs {_bytes(m.total)}" for m in memory)
     text = f"the run does not fit {_bytes(memory[0].budget or 0)} per GPU: {need}"
-    return text + "; use more GPUs, a smaller batch_size or seq_len, or training.teacher_cache"
+    return text + (
+        "; use more GPUs, a smaller batch_size or seq_len, training.parallel and "
+        "training.teacher_parallel fsdp, or training.teacher_cache"
+    )
 
 
 def _from_spec(path: Path, overrides: list[str]) -> tuple[RunSpec, list[Sourced], Choices]:
@@ -177,7 +180,7 @@ def _print_memory(memory: list[MemoryPlan]) -> None:
     table = Table(title=f"memory per GPU: {first.ranks} GPU(s){budget}")
     table.add_column("")
     for m in memory:
-        table.add_column(f"training.parallel: {m.parallel}")
+        table.add_column(m.label.replace(", ", ",\n"))
     table.add_column("counted as", overflow="fold")
     names = list(dict.fromkeys(i.name for m in memory for i in m.items))
     names.sort(key=lambda name: name == RUNTIME)  # stable: the runtime line last
@@ -191,8 +194,9 @@ def _print_memory(memory: list[MemoryPlan]) -> None:
     console.print(table)
     console.print(
         "total: what lives throughout, plus the larger of the teacher forward and the student "
-        "step (activations, gradients, buckets, gather), which do not overlap; fsdp shards the "
-        "teachers, the student's weights, gradients and optimizer state over the ranks. An "
+        "step (activations, gradients, buckets, gather), which do not overlap; parallel=fsdp "
+        "shards the student's weights, gradients and optimizer state over the ranks, "
+        "teacher_parallel=fsdp the teachers (training.parallel, training.teacher_parallel). An "
         "estimate (kvd.shapes.memory_plan; its measured error is in benchmarks/RESULTS.md)",
         markup=False,
     )

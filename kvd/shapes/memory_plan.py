@@ -12,8 +12,10 @@ and targets follow from the spec's micro-batch (training.batch_size x data.seq_l
   its logits over the vocabulary the loss compares (fp32);
 - student and projectors: fp32 weights, gradients and AdamW's two moments (16 bytes a
   parameter); DDP adds its gradient buckets (4 bytes a parameter) when ranks > 1; FSDP shards
-  all of it over the ranks and all-gathers one decoder layer at a time (teachers stay whole on
-  every rank under both);
+  all of it over the ranks and all-gathers one decoder layer at a time;
+- teachers whole on every rank, or with training.teacher_parallel: fsdp (the third plan) 1/ranks
+  of each teacher, plus, while one runs, its gathered embeddings, final norm and head and two
+  decoder layers (the one running and the next, prefetched);
 - student activations kept for backward, per decoder layer and token: 4 hidden_size (norm
   inputs and outputs) + 3 q + 4 kv (projections before and after RoPE) + 4 intermediate_size
   (gate, up, activation, product) values, in bf16 under bf16 autocast else fp32, assuming fused
@@ -44,8 +46,8 @@ from kvd.spec.geometry import ModelGeometry
 from kvd.spec.runspec import RunSpec
 from kvd.step.curriculum import logit_teachers, student_vocab_teachers
 
-PARALLELS = ("ddp", "fsdp")
-"""The values of training.parallel."""
+PARALLELS = (("ddp", "replicate"), ("fsdp", "replicate"), ("fsdp", "fsdp"))
+"""The plans compared: (training.parallel, training.teacher_parallel)."""
 FP32 = 4
 ADAMW_STATE = 2 * FP32
 RUNTIME = "CUDA runtime"
@@ -78,12 +80,19 @@ class MemoryItem:
 
 @dataclass
 class MemoryPlan:
-    """Bytes per rank of one parallel plan (`ddp` or `fsdp`) on `ranks` ranks."""
+    """Bytes per rank of one plan on `ranks` ranks: training.parallel (`ddp` or `fsdp`) and
+    training.teacher_parallel (`replicate` or `fsdp`)."""
 
     parallel: str
     ranks: int
     items: list[MemoryItem]
     budget: int | None = None
+    teacher_parallel: str = "replicate"
+
+    @property
+    def label(self) -> str:
+        """The spec settings of this plan, as `--set` would take them."""
+        return f"parallel={self.parallel}, teacher_parallel={self.teacher_parallel}"
 
     @property
     def total(self) -> int:
@@ -101,6 +110,7 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "parallel": self.parallel,
+            "teacher_parallel": self.teacher_parallel,
             "ranks": self.ranks,
             "items": {i.name: i.bytes for i in self.items},
             "total_bytes": self.total,
@@ -140,7 +150,7 @@ def model_size(geometry: ModelGeometry) -> ModelSize:
 def memory_plans(
     spec: RunSpec, plan: Plan, *, ranks: int, budget: int | None, cuda_runtime: bool = True
 ) -> list[MemoryPlan]:
-    """The ddp and fsdp memory plans of `spec` (whose check-shapes plan is `plan`) per rank.
+    """The memory plans (PARALLELS) of `spec` (whose check-shapes plan is `plan`) per rank.
     cuda_runtime: add the CUDA context and allocator slack line (False: tensors only)."""
     if ranks < 1:
         raise KvdError(f"--gpus must be at least 1, got {ranks}")
@@ -155,16 +165,17 @@ def memory_plans(
     ]
     learned = s_size.params + plan.projector_params
     plans = []
-    for parallel in PARALLELS:
+    for parallel, teacher_parallel in PARALLELS:
+        ranks_teachers = ranks if teacher_parallel == "fsdp" else 1
         items = [
-            *_teacher_items(spec, plan, sizes, tokens),
+            *_teacher_items(spec, plan, sizes, tokens, ranks_teachers),
             *shared,
             *_learned_items(parallel, learned, s_size.layer_params, ranks),
         ]
         if cuda_runtime:
             slack = CUDA_CONTEXT + int(ALLOCATOR_SLACK * MemoryPlan(parallel, ranks, items).total)
             items.append(MemoryItem(RUNTIME, slack, "context 1 GiB + 10% allocator slack"))
-        plans.append(MemoryPlan(parallel, ranks, items, budget))
+        plans.append(MemoryPlan(parallel, ranks, items, budget, teacher_parallel))
     return plans
 
 
@@ -173,18 +184,19 @@ def _teacher_items(
     plan: Plan,
     sizes: dict[str, ModelSize],
     tokens: int,
+    shards: int,
 ) -> list[MemoryItem]:
-    """Teachers' weights (whole on every rank under ddp and fsdp alike: kvd shards only the
-    learned parts) and the largest teacher forward: its distilled layers' K/V (`use_cache=False`
-    keeps no others), its logits when a loss reads them, and a layer's hidden and MLP
-    transients."""
+    """Teachers' weights (whole, or 1/`shards` each when sharded) and the largest teacher
+    forward: its distilled layers' K/V (`use_cache=False` keeps no others), its logits when a
+    loss reads them, a layer's hidden and MLP transients, and when sharded the gathered
+    weights (see the module's docstring)."""
     if spec.training.teacher_cache is not None:
         note = "read from training.teacher_cache (its build holds the teachers)"
         return [MemoryItem("teachers", 0, note), MemoryItem("teacher forward", 0, note)]
     dtype = {t.id: _DTYPE_BYTES[t.dtype] for t in spec.teachers}
     geometry = {m.id: m.geometry for m in plan.models if m.role == "teacher"}
-    weights = sum(sizes[t].params * dtype[t] for t in sizes)
-    note = "whole on every rank, spec dtype"
+    weights = sum(math.ceil(sizes[t].params / shards) * dtype[t] for t in sizes)
+    note = "whole on every rank, spec dtype" if shards == 1 else f"1/{shards} each, spec dtype"
     reads_logits = set(logit_teachers(spec))
     forward = 0
     for pair in plan.pairs:
@@ -193,7 +205,10 @@ def _teacher_items(
         per_token += 2 * (g.hidden_size + _intermediate(g)) * b
         if pair.teacher in reads_logits:
             per_token += g.vocab_size * (b + FP32)
-        forward = max(forward, tokens * per_token)
+        size = sizes[pair.teacher]
+        rest = size.params - g.num_layers * size.layer_params  # embeddings, norm, head
+        gathered = 0 if shards == 1 else (rest + 2 * size.layer_params) * b
+        forward = max(forward, tokens * per_token + gathered)
     return [
         MemoryItem("teachers", weights, note),
         MemoryItem(
