@@ -69,6 +69,14 @@ def test_loss_teacher_filter_must_name_teachers(tmp_path: Path) -> None:
     assert "no teacher with id 'gpt'" in problems(data)["losses.0.teachers"]
 
 
+def test_cpu_offload_needs_fsdp(tmp_path: Path) -> None:
+    data = tiny_spec(tmp_path / "run")
+    data["training"]["cpu_offload"] = True
+    assert "needs parallel: fsdp" in problems(data)["training"]
+    data["training"]["parallel"] = "fsdp"
+    assert parse_spec(data).training.cpu_offload
+
+
 def test_overrides_set_nested_values_and_list_items() -> None:
     data = {"training": {"max_steps": 1}, "teachers": [{"weight": 1}, {"weight": 1}]}
     apply_overrides(data, ["training.max_steps=50", "teachers.1.weight=2.5", "output.dir=x"])

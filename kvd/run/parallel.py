@@ -5,8 +5,10 @@
 - `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`): each of the student's decoder layers
   (the classes transformers lists in `_no_split_modules`) is a group of its own, the rest of
   the student (embeddings, final norm, head) another, and projectors, fusion and losses the
-  root group; parameters, gradients and AdamW's
-  state are each 1/world per process, gathered a group at a time for forward and backward.
+  root group; parameters, gradients and AdamW's state are each 1/world per process, gathered
+  a group at a time for forward and backward. With `training.precision: bf16` the student's
+  gathered weights are bf16 and its gradients are reduced in fp32 (the sharded weights and
+  AdamW stay fp32); `training.cpu_offload` keeps the shards in CPU memory.
 
 Checkpoints of a `ddp` run hold whole tensors (written by rank 0). A sharded run writes
 torch.distributed.checkpoint (DCP) files: each rank writes its own shards, nothing is gathered,
@@ -35,30 +37,50 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
 
 from kvd.core.runtime import Runtime
 from kvd.modeling.sharding import decoder_layers, process_mesh
+from kvd.spec.runspec import TrainingSpec
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Whole tensors on the CPU, gathered from every rank's shards (a collective: all ranks call)."""
 
 
-def distribute(model: nn.Module, runtime: Runtime, parallel: str, *, multi_stage: bool) -> Any:
-    """The module the step calls: `model` itself on one process, else wrapped for `parallel`
-    (`fsdp` shards `model` in place and returns it). `multi_stage`: some parameters sit out
-    some stages (DDP must look for unused parameters)."""
+def distribute(
+    model: nn.Module,
+    runtime: Runtime,
+    training: TrainingSpec,
+    *,
+    multi_stage: bool,
+) -> Any:
+    """The module the step calls: `model` itself on one process, else wrapped for
+    `training.parallel` (`fsdp` shards `model` in place and returns it). `multi_stage`: some
+    parameters sit out some stages (DDP must look for unused parameters)."""
     if runtime.world == 1:
         return model
     dev = runtime.device
-    if parallel == "fsdp":
+    if training.parallel == "fsdp":
         mesh = process_mesh(dev.type, runtime.world)
+        offload = OffloadPolicy()
+        if training.cpu_offload:
+            offload = CPUOffloadPolicy(pin_memory=dev.type == "cuda")
+        mixed = MixedPrecisionPolicy()
+        if training.precision == "bf16":  # bf16 compute weights, fp32 gradient reduction
+            mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         student = getattr(model, "student", model)
         for layer in decoder_layers(student):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(student, mesh=mesh)  # a group of its own: validation calls it directly
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+        # the student is a group of its own: validation calls it directly
+        fully_shard(student, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+        fully_shard(model, mesh=mesh, offload_policy=offload)  # projectors, fusion, losses: fp32
         return model
     return nn.parallel.DistributedDataParallel(
         model,

@@ -103,10 +103,7 @@ class Trainer:
             self.teacher_side.rope,
         ).to(runtime.device)
         self.wrapped = distribute(
-            self.model,
-            runtime,
-            spec.training.parallel,
-            multi_stage=len(self.curriculum.stages) > 1,
+            self.model, runtime, spec.training, multi_stage=len(self.curriculum.stages) > 1
         )
         # 3. optimizer: separate learning rates for the student and the heads
         tr = spec.training

@@ -276,10 +276,15 @@ class TrainingSpec(Strict):
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: ddp (each process holds the whole student and heads, gradients are
     all-reduced) or fsdp (FSDP2: each decoder layer and the rest sharded over the processes, so
-    weights, gradients and optimizer state take 1/world of the memory each; checkpoints in
+    weights, gradients and optimizer state take 1/world of the memory each; with precision: bf16
+    the gathered weights are bf16 and gradients are reduced in fp32; checkpoints in
     torch.distributed.checkpoint format, each process writing its shards, and a resume on any
     number of processes with the same global batch). A run resumes with the parallelism it was
     written with."""
+    cpu_offload: bool = False
+    """With parallel: fsdp, keep the sharded weights, gradients and AdamW state in CPU memory
+    (pinned), moved to the GPU a layer at a time: less GPU memory, more host-device traffic
+    (GPU runs; on a CPU run it changes nothing)."""
     teacher_parallel: Literal["replicate", "fsdp"] = "replicate"
     """Under torchrun: replicate (every process holds every teacher whole) or fsdp (each
     teacher's decoder layers and the rest sharded over the processes, gathered one layer at a
@@ -301,6 +306,12 @@ class TrainingSpec(Strict):
     )
     stages: list[StageSpec] = Field(default_factory=list)
     """A curriculum: stages by start_step, each changing teachers, fusion or losses."""
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> TrainingSpec:
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ValueError("cpu_offload shards to the CPU: it needs parallel: fsdp")
+        return self
 
     @field_validator("stages")
     @classmethod
