@@ -54,6 +54,7 @@ def number(cell: str) -> float:
         ("memory_plan", "memory_plan", [3, 4, 6, 7]),
         ("gpu_smoke", "gpu_smoke", [3, 5, 6, 7]),
         ("phases", "phases", [1]),
+        ("whole_run", "whole_run", [5]),
     ],
 )
 def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:
