@@ -55,6 +55,7 @@ def number(cell: str) -> float:
         ("gpu_smoke", "gpu_smoke", [3, 5, 6, 7]),
         ("phases", "phases", [1]),
         ("whole_run", "whole_run", [5]),
+        ("peers", "peers", [1, 3]),
     ],
 )
 def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:
