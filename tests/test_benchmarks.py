@@ -56,6 +56,7 @@ def number(cell: str) -> float:
         ("phases", "phases", [1]),
         ("whole_run", "whole_run", [5]),
         ("peers", "peers", [1, 3]),
+        ("compile", "compile", [1, 2]),
     ],
 )
 def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_path: Path) -> None:

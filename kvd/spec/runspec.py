@@ -271,6 +271,9 @@ class TrainingSpec(Strict):
     """The student step's precision: fp32, or bf16 autocast."""
     activation_checkpointing: bool = False
     """Recompute the student's activations in backward (less memory, more time)."""
+    compile: bool = False
+    """torch.compile each student decoder layer (dynamic shapes; the first steps pay the
+    compilation). Off by default: measure it first (benchmarks/compile.py)."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when a GPU is there, else cpu), cpu, cuda or cuda:N."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
