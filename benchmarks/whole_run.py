@@ -1,7 +1,7 @@
 """A whole `kvd train` run against a bare run with the same cadence: validation, checkpoints and
 the final outputs included, not only the steps.
 
-    python -m benchmarks.whole_run [--smoke] [--steps N] [--repeats N] [--setups a,b]
+    python -m benchmarks.whole_run [--smoke] [--repeats N] [--setups a,b]
 
 Both sides go through kvd's own training loop (`Trainer.run`: step records in metrics.jsonl,
 validation every `evaluation.every` steps on the same windows, atomic checkpoints every
@@ -15,7 +15,7 @@ a fresh run dir:
 
 The sides alternate (kvd, bare, kvd, bare, ...) so both see the same drift of a shared machine;
 the ratio is of the median run times. Loading (not part of a run's loop) is timed apart. The
-cadence is the setup's, scaled to --steps: validation at steps/3 and at the end, a checkpoint
+cadence is the setup's, scaled to the run's 30 steps: validation at steps/3 and at the end, a checkpoint
 at steps/2 and at the end (the quickstart trains 150 steps, validates every 50 and checkpoints
 at 100 and 150).
 """
@@ -129,7 +129,7 @@ def main() -> None:
     with_kvd_allocator("benchmarks.whole_run")
     args = arguments(__doc__ or "", repeats=2)
     setups = args.setups or (["smoke"] if args.smoke else ["quickstart", "tiny3"])
-    steps = 6 if args.smoke else 60
+    steps = 6 if args.smoke else 30
     n_cores = len(os.sched_getaffinity(0))
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvd-bench-whole-") as tmp:
