@@ -15,9 +15,9 @@ a fresh run dir:
 
 The sides alternate (kvd, bare, kvd, bare, ...) so both see the same drift of a shared machine;
 the ratio is of the median run times. Loading (not part of a run's loop) is timed apart. The
-cadence is the setup's, scaled to the run's 30 steps: validation at steps/3 and at the end, a checkpoint
-at steps/2 and at the end (the quickstart trains 150 steps, validates every 50 and checkpoints
-at 100 and 150).
+cadence is the quickstart's, scaled to 30-step runs: validation at steps/3 and at the end, a
+checkpoint at steps/2 and at the end (the quickstart trains 150 steps, validates every 50 and
+checkpoints at 100 and 150).
 """
 
 from __future__ import annotations
