@@ -188,6 +188,11 @@ def test_fsdp_matches_ddp_and_resumes_from_its_checkpoint(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(run)[:2] == fsdp[:2]
     assert losses(run)[2:] == pytest.approx(fsdp[2:], rel=TOLERANCE)
+    # its step-4 checkpoint (1 process x 4) goes back to 2 processes with the spec's own 2
+    for gone in ("results.json", "heads.safetensors", "student"):
+        shutil.rmtree(run / gone) if (run / gone).is_dir() else (run / gone).unlink()
+    proc = torchrun_train(tmp_path / "fsdp.yaml", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (run / "results.json").unlink()
     proc = torchrun_train(tmp_path / "fsdp.yaml", "--resume", "--set", "training.parallel=ddp")
     assert proc.returncode != 0 and "training.parallel" in proc.stderr

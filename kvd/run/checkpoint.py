@@ -233,9 +233,11 @@ def load_run_state(path: Path) -> dict[str, Any]:
     }
 
 
-def written_by(path: Path) -> int:
-    """How many processes wrote the checkpoint at `path`."""
-    return int(json.loads((path / "state.json").read_text()).get("world", 1))
+def written_by(path: Path) -> tuple[int, int | None]:
+    """(processes, per-process batch size) of the job that wrote the checkpoint at `path`;
+    the batch size is None in checkpoints from before kvd recorded it."""
+    state = json.loads((path / "state.json").read_text())
+    return int(state.get("world", 1)), state.get("batch_size")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -29,10 +29,13 @@ teacher cache holds exactly the targets the live teachers give, checked by its f
 sharded teachers give bit-identical targets, tests/test_distributed.py)."""
 
 
-def check_same_run(run_dir: Path, spec: RunSpec, worlds: tuple[int, int] = (1, 1)) -> None:
+def check_same_run(
+    run_dir: Path, spec: RunSpec, world: int = 1, written: tuple[int, int | None] | None = None
+) -> None:
     """A run resumes only with the spec it started with; harmless changes only warn.
 
-    `worlds`: the processes that wrote the checkpoint resumed from, and this job's. A ddp run
+    `world`: this job's processes; `written`: (processes, per-process batch) of the job that
+    wrote the checkpoint resumed from (kvd.run.checkpoint.written_by), if any. A ddp run
     resumes on as many processes as it had; an fsdp run (sharded checkpoints) on any number,
     provided the global batch (training.batch_size x processes) stays the same, so it sees the
     same batches."""
@@ -51,7 +54,9 @@ def check_same_run(run_dir: Path, spec: RunSpec, worlds: tuple[int, int] = (1, 1
     harmless = [k for k in changed if k.startswith(HARMLESS_CHANGES)]
     altering = [k for k in changed if k not in harmless and k != BATCH]
     if not altering:
-        _check_global_batch(run_dir, spec, before["training"]["batch_size"], worlds)
+        was, batch = written or (world, None)
+        batch = batch or before["training"]["batch_size"]  # a checkpoint that does not say
+        _check_global_batch(run_dir, spec, (was, batch), world)
         harmless += [BATCH] if BATCH in changed else []
     if altering:
         raise KvdError(
@@ -67,9 +72,9 @@ def check_same_run(run_dir: Path, spec: RunSpec, worlds: tuple[int, int] = (1, 1
 BATCH = "training.batch_size"
 
 
-def _check_global_batch(run_dir: Path, spec: RunSpec, before: int, worlds: tuple[int, int]) -> None:
+def _check_global_batch(run_dir: Path, spec: RunSpec, written: tuple[int, int], now: int) -> None:
     """The resumed job's global batch is the checkpoint's (see `check_same_run`)."""
-    (was, now), after = worlds, spec.training.batch_size
+    (was, before), after = written, spec.training.batch_size
     if was != now and spec.training.parallel == "ddp":
         raise KvdError(
             f"output.dir {run_dir}: its checkpoint was written by {was} process(es), and this "

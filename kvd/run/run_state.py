@@ -56,6 +56,7 @@ class RunState:
             "tokens": self.tokens,
             "data": {"epoch": data.epoch, "position": data.position},
             "stage": self.curriculum.index,
+            "batch_size": self.batches.batch_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

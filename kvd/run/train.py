@@ -438,8 +438,8 @@ def _train(
         resume = resume or True
         checkpoint = resume_point(run_dir, resume if isinstance(resume, Path) else None)
         # the same command again continues an unfinished run
-        written = written_by(checkpoint) if checkpoint else runtime.world
-        check_same_run(run_dir, spec, (written, runtime.world))
+        written = written_by(checkpoint) if checkpoint else None
+        check_same_run(run_dir, spec, runtime.world, written)
         if runtime.main:
             step = int(checkpoint.name.removeprefix("step-")) if checkpoint else 0
             print(f"kvd: resuming the run in {run_dir} from step {step}", file=sys.stderr)
