@@ -43,6 +43,7 @@ from benchmarks.harness import (
     with_kvd_allocator,
     write_section,
 )
+from kvd.run.parallel import local
 
 CHILD_TIMEOUT_S = 1800
 ULD_BEFORE_MB = 6521.0
@@ -67,8 +68,9 @@ WEIGHT_LINES = ("teachers", "student + projectors")
 
 
 def param_mb(module: Any) -> float:
-    """MiB of a module's parameters, a tied tensor once."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) / MiB
+    """MiB of a module's parameters on this rank (a sharded one's local shard), a tied tensor
+    once."""
+    return sum(local(p).numel() * p.element_size() for p in module.parameters()) / MiB
 
 
 def step_peak_mb(trainer: Any, steps: int) -> float:
@@ -86,7 +88,11 @@ def step_peak_mb(trainer: Any, steps: int) -> float:
     return tensor_peak_mb(prof)
 
 
-def child(setup: str, steps: int, device: str, out: Path) -> None:
+PLANS = {"ddp": 0, "fsdp": 1, "fsdp+teachers": 2}
+"""The parallelism of a case -> its plan's index in kvd.shapes.memory_plan.PARALLELS."""
+
+
+def child(setup: str, steps: int, device: str, out: Path, parallel: str = "ddp") -> None:
     """One rank: the plan's estimate, the built run's weights, the steps' peak over the
     resident set after building."""
     from benchmarks.setups import SETUPS
@@ -95,10 +101,13 @@ def child(setup: str, steps: int, device: str, out: Path) -> None:
     from kvd.spec.runspec import parse_spec
 
     data = SETUPS[setup]()
+    data["training"]["parallel"] = "ddp" if parallel == "ddp" else "fsdp"
+    data["training"]["teacher_parallel"] = "fsdp" if parallel == "fsdp+teachers" else "replicate"
     spec = parse_spec(data, base_dir=ROOT)
     plan = spec_plan(spec_sources(spec, setup), Choices.from_spec(spec))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ddp = memory_plans(spec, plan, ranks=world, budget=None, cuda_runtime=False)[0]
+    plans = memory_plans(spec, plan, ranks=world, budget=None, cuda_runtime=False)
+    ddp = plans[PLANS[parallel]]  # the plan of this case's parallelism
     trainer = build_trainer(data, "cpu" if device == "cpu" else "auto")
     step = step_peak_mb(trainer, steps)
     items = {i.name: i.bytes / MiB for i in ddp.items}
@@ -114,10 +123,12 @@ def child(setup: str, steps: int, device: str, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def measure(setup: str, ranks: int, steps: int, device: str, tmp: Path) -> list[dict[str, Any]]:
-    out = tmp / f"{setup}-{ranks}"
+def measure(
+    setup: str, ranks: int, parallel: str, steps: int, device: str, tmp: Path
+) -> list[dict[str, Any]]:
+    out = tmp / f"{setup}-{ranks}-{parallel}"
     out.mkdir()
-    args = ["-m", "benchmarks.memory_plan", "child", setup, str(steps), device, str(out)]
+    args = ["-m", "benchmarks.memory_plan", "child", setup, str(steps), device, str(out), parallel]
     if ranks == 1:
         cmd = [sys.executable, *args]
     else:
@@ -136,27 +147,32 @@ def measure(setup: str, ranks: int, steps: int, device: str, tmp: Path) -> list[
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
-        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]))
+        child(sys.argv[2], int(sys.argv[3]), sys.argv[4], Path(sys.argv[5]), *sys.argv[6:7])
         return
     with_kvd_allocator("benchmarks.memory_plan")
     args = arguments(__doc__ or "", repeats=3)
     steps = max(2, args.repeats)
     cases = (
-        [("smoke", 1), ("smoke", 2)]
+        [("smoke", 1, "ddp"), ("smoke", 2, "ddp"), ("smoke", 2, "fsdp+teachers")]
         if args.smoke
         else [
-            ("tiny3", 1),
-            ("tiny3", 2),
-            ("quickstart", 1),
-            ("quickstart", 2),
-            ("three_real", 1),
+            ("tiny3", 1, "ddp"),
+            ("tiny3", 2, "ddp"),
+            ("tiny3", 2, "fsdp"),
+            ("tiny3", 2, "fsdp+teachers"),
+            ("quickstart", 1, "ddp"),
+            ("quickstart", 2, "ddp"),
+            ("quickstart", 2, "fsdp"),
+            ("quickstart", 2, "fsdp+teachers"),
+            ("three_real", 1, "ddp"),
         ]
     )
     rows, errors = [], []
     peaks: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for setup, ranks in cases:
-            for rank, r in enumerate(measure(setup, ranks, steps, args.device, Path(tmp))):
+        for setup, ranks, parallel in cases:
+            found = measure(setup, ranks, parallel, steps, args.device, Path(tmp))
+            for rank, r in enumerate(found):
                 weights = r["weights_estimate_mb"] / r["weights_mb"] - 1
                 step = r["step_mb"]
                 errors.append(r["step_estimate_mb"] / step - 1)
@@ -165,6 +181,7 @@ def main() -> None:
                     [
                         setup,
                         ranks,
+                        parallel if ranks > 1 else "-",
                         rank,
                         r["weights_mb"],
                         r["weights_estimate_mb"],
@@ -177,14 +194,26 @@ def main() -> None:
                 print(setup, ranks, rank, json.dumps(r["items_mb"]), flush=True)
     body = (
         f"Real runs on {args.device}, built as `kvd train` builds them, {steps} optimizer "
-        "steps each (ranks > 1: `torchrun`, DDP), MiB per rank. Weights: parameter bytes of "
+        "steps each (ranks > 1: `torchrun`; ddp, fsdp, or fsdp with the teachers sharded too, "
+        "each against its own plan), MiB per rank. Weights: parameter bytes a rank holds of "
         "the built teachers, student and projectors against the plan's. Step: the peak of "
         "tensor bytes the steps add to the built run (on CPU from torch.profiler's allocation "
         "events, on CUDA from max_memory_allocated) against the plan's total less its weights "
         "(AdamW state, targets, and the larger of the teacher forward and the student step); "
         "error = estimate / measured - 1.\n\n"
         + table(
-            ["setup", "ranks", "rank", "weights", "plan", "error", "step peak", "plan", "error"],
+            [
+                "setup",
+                "ranks",
+                "parallel",
+                "rank",
+                "weights",
+                "plan",
+                "error",
+                "step peak",
+                "plan",
+                "error",
+            ],
             rows,
         )
         + f"\n\nThe weights are exact; the step's estimate is off by {min(errors):+.0%} to "
@@ -192,7 +221,7 @@ def main() -> None:
         "the micro-batch as a token, where kvd's LM head and its loss buffers skip padding "
         "(the quickstart's 8 x 128 batches hold about 835 real tokens): that part errs high. "
         "Not measured: GPUs (the CUDA runtime line of 1 GiB + 10% is an assumption, not a "
-        "measurement), FSDP, activation checkpointing and eager "
+        "measurement), activation checkpointing and eager "
         "attention, which the plan does not model."
     )
     if "three_real" in peaks:

@@ -51,7 +51,7 @@ def number(cell: str) -> float:
         ("teacher_cache", "teacher_cache", [3, 7]),
         ("flops", "flops", [5]),
         ("scaling", "scaling", [8]),
-        ("memory_plan", "memory_plan", [3, 4, 6, 7]),
+        ("memory_plan", "memory_plan", [4, 5, 7, 8]),
         ("gpu_smoke", "gpu_smoke", [3, 5, 6, 7]),
         ("phases", "phases", [1]),
         ("whole_run", "whole_run", [5]),

@@ -12,10 +12,12 @@ and targets follow from the spec's micro-batch (training.batch_size x data.seq_l
   its logits over the vocabulary the loss compares (fp32);
 - student and projectors: fp32 weights, gradients and AdamW's two moments (16 bytes a
   parameter); DDP adds its gradient buckets (4 bytes a parameter) when ranks > 1; FSDP shards
-  all of it over the ranks and all-gathers one decoder layer at a time;
+  all of it over the ranks and gathers the group of embeddings, norm and head (for the whole
+  step) and one decoder layer at a time, weights and gradients;
 - teachers whole on every rank, or with training.teacher_parallel: fsdp (the third plan) 1/ranks
   of each teacher, plus, while one runs, its gathered embeddings, final norm and head and two
-  decoder layers (the one running and the next, prefetched);
+  decoder layers (the one running and the next, prefetched), twice (FSDP's all-gather buffer
+  and the parameters copied out of it);
 - student activations kept for backward, per decoder layer and token: 4 hidden_size (norm
   inputs and outputs) + 3 q + 4 kv (projections before and after RoPE) + 4 intermediate_size
   (gate, up, activation, product) values, in bf16 under bf16 autocast else fp32, assuming fused
@@ -170,7 +172,7 @@ def memory_plans(
         items = [
             *_teacher_items(spec, plan, sizes, tokens, ranks_teachers),
             *shared,
-            *_learned_items(parallel, learned, s_size.layer_params, ranks),
+            *_learned_items(parallel, learned, _gathered(s_size, student), ranks),
         ]
         if cuda_runtime:
             slack = CUDA_CONTEXT + int(ALLOCATOR_SLACK * MemoryPlan(parallel, ranks, items).total)
@@ -207,7 +209,7 @@ def _teacher_items(
             per_token += g.vocab_size * (b + FP32)
         size = sizes[pair.teacher]
         rest = size.params - g.num_layers * size.layer_params  # embeddings, norm, head
-        gathered = 0 if shards == 1 else (rest + 2 * size.layer_params) * b
+        gathered = 0 if shards == 1 else 2 * (rest + 2 * size.layer_params) * b
         forward = max(forward, tokens * per_token + gathered)
     return [
         MemoryItem("teachers", weights, note),
@@ -245,7 +247,13 @@ def _activations_item(spec: RunSpec, g: ModelGeometry, tokens: int) -> MemoryIte
     return MemoryItem("student activations", total, "one micro-batch, fused attention", "student")
 
 
-def _learned_items(parallel: str, params: int, layer_params: int, ranks: int) -> list[MemoryItem]:
+def _gathered(size: ModelSize, g: ModelGeometry) -> int:
+    """Parameters of a sharded student gathered at once: the group of its embeddings, final norm
+    and head (gathered through the whole forward and backward) and one decoder layer."""
+    return size.params - (g.num_layers - 1) * size.layer_params
+
+
+def _learned_items(parallel: str, params: int, gathered: int, ranks: int) -> list[MemoryItem]:
     if parallel == "ddp":
         items = [
             MemoryItem("student + projectors", params * FP32, "fp32 weights, whole"),
@@ -263,6 +271,9 @@ def _learned_items(parallel: str, params: int, layer_params: int, ranks: int) ->
         MemoryItem("gradients", shard * FP32, f"fp32, 1/{ranks}", "student"),
         MemoryItem("optimizer state", shard * ADAMW_STATE, f"AdamW, 1/{ranks}"),
         MemoryItem(
-            "FSDP gather", 2 * layer_params * FP32, "one layer's weights and gradients", "student"
+            "FSDP gather",
+            2 * gathered * FP32,
+            "embeddings, norm, head and one layer: weights and gradients",
+            "student",
         ),
     ]
