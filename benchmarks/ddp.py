@@ -223,7 +223,12 @@ def fsdp_verdict(ddp: Measured, fsdp: Measured, sharded: Measured) -> str:
         "Python. With the teachers sharded too (training.teacher_parallel fsdp), "
         f"{sharded.tokens_per_s / ddp.tokens_per_s:.2f}x DDP's tokens/s and a rank's peak at "
         f"{sharded.peak_rss_mib / ddp.peak_rss_mib:.2f}x DDP's ({sharded.peak_rss_mib:.0f} MiB): "
-        "every teacher forward now gathers each layer's weights from the other rank."
+        "every teacher forward now gathers each layer's weights from the other rank, and while a "
+        "teacher runs its embeddings and head stay gathered, in FSDP's all-gather buffer and "
+        "copied out of it. Sharding saves half of each teacher's weights but adds that gathered "
+        "group, so it lowers the peak only where the teachers' layers outweigh one teacher's "
+        "embeddings and head (several large teachers on many ranks; `kvd check-shapes --gpus N` "
+        "computes it for a spec), not for these small random teachers with 49k-262k vocabularies."
     )
 
 
