@@ -171,6 +171,38 @@ def test_rerun_resumes_only_the_unfinished_run(
     assert steps == [1, 2]
 
 
+@pytest.mark.slow
+def test_sigterm_to_kvd_ab_reaches_the_run_in_training(tmp_path: Path) -> None:
+    """A scheduler stopping `kvd ab` (SIGTERM to it alone) stops the `kvd train` it started too:
+    the run saves a checkpoint at the end of its step and exits, kvd ab exits 143, and the same
+    command finishes the experiment from that checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp = experiment(tmp_path, seeds=[0], steps=400, groups=["ce_only"], evaluate=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    cmd = [sys.executable, "-m", "kvd.cli", "ab", str(exp), "--min-seeds", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = tmp_path / "runs" / "ce_only" / "seed0"
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() or len(read_metrics(run / "metrics.jsonl")) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "saved a checkpoint" in err.decode() and "Traceback" not in err.decode()
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert saved and not (run / "results.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss/total" in r]
+    assert steps[-1] == 400 and (run / "results.json").exists()
+
+
 def test_every_group_is_a_set_of_overrides(tmp_path: Path) -> None:
     path = experiment(
         tmp_path,

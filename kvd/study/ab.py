@@ -4,7 +4,8 @@ Every group trains with equal compute (the same steps, batch size, gradient accu
 data, hence the same tokens) on one content-hash split, verified from each run's split.json, for
 every seed. Each run trains in a process of its own (`kvd train BASE --set ...`), so its peak
 memory is its own. Runs go to RUNS/GROUP/seedN; a finished run (results.json) is never rerun, an
-unfinished one is resumed, so the same command continues an interrupted experiment. Afterwards
+unfinished one is resumed, so the same command continues an interrupted experiment (SIGTERM or
+SIGUSR1 to `kvd ab` reaches the run in training, which saves a checkpoint; exit 143). Afterwards
 each run's student is evaluated on its whole validation split (`kvd eval`, with cloze accuracy),
 optionally the teachers too, and the `kvd compare` report against the CE-only baseline is
 written.
@@ -22,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ from kvd.core.component import config_class
 from kvd.core.diff import dotted_differences
 from kvd.core.errors import KvdError, SpecError
 from kvd.core.names import checked_name
+from kvd.core.runtime import Preempted
 from kvd.data import read_manifest
 from kvd.eval.eval_texts import Part
 from kvd.run.resume import HARMLESS_CHANGES
@@ -464,6 +467,17 @@ def report(p: ExperimentPlan, teacher_files: list[Path], console: Console) -> Pa
     return path
 
 
+def _wait_forwarding(proc: subprocess.Popen[bytes], signals: tuple[signal.Signals, ...]) -> int:
+    """Wait for `proc`, passing on each of `signals` this process receives meanwhile (a
+    scheduler's SIGTERM reaches the training run, which saves a checkpoint and exits 143)."""
+    previous = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in signals}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train_apart(base: Path, overrides: list[str]) -> None:
     """`kvd train BASE --set O1 --set O2 ...` (the command `--dry-run` prints) in a process of
     its own, so that each run's peak memory is its own, whatever ran before it; it resumes an
@@ -471,7 +485,12 @@ def train_apart(base: Path, overrides: list[str]) -> None:
     argv = [sys.executable, "-m", "kvd.cli", "train", str(base)]
     for override in overrides:
         argv += ["--set", override]
-    code = subprocess.run(argv, check=False).returncode
+    code = _wait_forwarding(subprocess.Popen(argv), (signal.SIGTERM, signal.SIGUSR1))
+    if code == Preempted.exit_code:
+        raise Preempted(
+            f"kvd train {base} was stopped by a signal and saved a checkpoint",
+            hint="run the same kvd ab command again: the run resumes, finished runs are kept",
+        )
     if code != 0:
         raise KvdError(
             f"kvd train {base} ({len(overrides)} overrides) exited with {code}; its messages "
