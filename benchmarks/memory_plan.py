@@ -5,7 +5,7 @@
 For each setup and rank count, a fresh process (under `torchrun --nproc_per_node 2` for 2 ranks,
 gloo) builds the run exactly as `kvd train` does (teachers, student, projectors, optimizer) and
 runs --repeats optimizer steps (at least 2: AdamW's state exists from the first) under
-torch.profiler with profile_memory. Two parts of the plan's ddp column (tensors only, no CUDA
+torch.profiler with profile_memory. Two parts of the case's plan column (tensors only, no CUDA
 line) are checked:
 
 - weights: the teachers', the student's and the projectors' parameter bytes in the built run
@@ -107,16 +107,16 @@ def child(setup: str, steps: int, device: str, out: Path, parallel: str = "ddp")
     plan = spec_plan(spec_sources(spec, setup), Choices.from_spec(spec))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plans = memory_plans(spec, plan, ranks=world, budget=None, cuda_runtime=False)
-    ddp = plans[PLANS[parallel]]  # the plan of this case's parallelism
+    chosen = plans[PLANS[parallel]]  # the plan of this case's parallelism
     trainer = build_trainer(data, "cpu" if device == "cpu" else "auto")
     step = step_peak_mb(trainer, steps)
-    items = {i.name: i.bytes / MiB for i in ddp.items}
+    items = {i.name: i.bytes / MiB for i in chosen.items}
     teachers = [t.loaded.model for t in trainer.teacher_side.teachers if t.loaded is not None]
     result = {
         "weights_mb": param_mb(trainer.model) + sum(param_mb(t) for t in teachers),
         "weights_estimate_mb": sum(items[n] for n in WEIGHT_LINES),
         "step_mb": step,
-        "step_estimate_mb": ddp.total / MiB - sum(items[n] for n in WEIGHT_LINES),
+        "step_estimate_mb": chosen.total / MiB - sum(items[n] for n in WEIGHT_LINES),
         "items_mb": items,
     }
     rank = int(os.environ.get("RANK", "0"))

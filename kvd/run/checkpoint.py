@@ -116,21 +116,6 @@ def finish(
     return CheckpointInfo(final, step)
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    model: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    state: dict[str, Any],
-    rng: list[dict[str, Any]],
-) -> CheckpointInfo:
-    """Write `root/step-NNNNNNNN` atomically with whole tensors (`write_whole`, `finish`)."""
-    tmp, final = staging(root, step)
-    write_whole(tmp, model, optimizer)
-    return finish(tmp, final, state=state, rng=rng)
-
-
 def _untie(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A state dict with each tied tensor (one storage under several names, e.g. a student's
     input and output embeddings) stored once: (tensors to write, alias name -> stored name).
