@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from kvd.modeling.capture import capture_kv
-from kvd.modeling.head import OutputHead
+from kvd.modeling.head import HeadRows, OutputHead
 
 SIZES = dict(
     vocab_size=64,
@@ -49,3 +49,18 @@ def test_head_reproduces_the_models_logits(config: object) -> None:
         assert not torch.equal(uncapped(both.hidden), both.logits)
     again = OutputHead.from_tensors(head.tensors("t"), "t", head.softcap, torch.device("cpu"))
     assert torch.equal(again(both.hidden), both.logits)
+
+
+def test_head_rows_are_the_logits_rows_outside_autocast() -> None:
+    """HeadRows makes rows a..b of the flattened logits on demand, the same values as the whole
+    head's, in the teacher's dtype even inside the student's bf16 autocast region."""
+    torch.manual_seed(0)
+    head = OutputHead(torch.randn(50, 16), None, None)  # a float32 teacher
+    hidden = torch.randn(3, 7, 16)
+    rows = HeadRows(hidden, head)
+    assert rows.shape == (3, 7, 50)
+    whole = head(hidden).reshape(21, 50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = [rows[a : a + 5] for a in range(0, 21, 5)]
+    assert all(g.dtype == torch.float32 for g in got)
+    torch.testing.assert_close(torch.cat(got), whole, rtol=1e-6, atol=1e-6)

@@ -244,6 +244,56 @@ def test_offline_teacher_cache_gives_the_same_losses(
     assert tree_hash(cache) == before
 
 
+def test_steps_make_teacher_logits_from_hidden_states_a_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live run keeps a logit teacher's last hidden states, not its [B, Ts, V] logits: logit
+    KD makes them a chunk of rows at a time (HeadRows), ULD once per step from the hidden
+    states; the losses are those of a run that holds the whole logits."""
+    from kvd.modeling.head import HeadRows
+    from kvd.step.teacher_side import TeacherSide
+
+    data = tiny_spec(tmp_path / "rows")
+    data["losses"] = [
+        {"name": "ce"},
+        {"name": "kv_mse"},
+        {"name": "logit_kd", "teachers": ["llama"]},
+        {"name": "uld", "teachers": ["qwen"]},
+    ]
+    seen: list[dict] = []
+    step_targets = TeacherSide.step_targets
+    monkeypatch.setattr(
+        TeacherSide,
+        "step_targets",
+        lambda self, *a, **k: seen.append(step_targets(self, *a, **k)) or seen[-1],
+    )
+    made = []
+    rows = HeadRows.__getitem__
+    monkeypatch.setattr(HeadRows, "__getitem__", lambda self, r: made.append(r) or rows(self, r))
+    run(data)
+    assert len(seen) == 4 and made
+    for targets in seen:
+        for tid in ("llama", "qwen"):
+            assert targets[tid].logits is None and targets[tid].hidden is not None
+    # the same run holding the teachers' logits whole (no checked heads)
+    monkeypatch.setattr(
+        TeacherSide,
+        "checked_heads",
+        lambda self, stage, texts, batch, *, step: (
+            {},
+            self.targets(stage, texts, batch, step=step),
+        ),
+    )
+    run(dict(data, output={"dir": str(tmp_path / "whole")}))
+    assert seen[-1]["llama"].logits is not None
+    a = [r for r in read_metrics(tmp_path / "rows" / "metrics.jsonl") if "loss/total" in r]
+    b = [r for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss/total" in r]
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss/total", "loss/logit_kd", "loss/uld", "loss/ce", "loss/kv_mse"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6), key
+
+
 def test_logit_kd_across_tokenizers_through_the_vocabulary_map(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -80,6 +80,10 @@ class TokenAlignment:
         diag = (self.weight * own).sum(dim=-1)
         return bool(((diag == 0) | (diag == 1)).all()) and not bool((self.weight * ~own).any())
 
+    def selects_rows(self, tt: int) -> bool:
+        """`keeps_rows(tt)`, read from the host copy (no device read)."""
+        return (self._host or self).keeps_rows(tt)
+
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher tensor [B, H, Tt, D] -> student-aligned [B, H, Ts, D] (weighted over K).
         Rows where `mask` is False hold no target: every consumer masks them out.
@@ -91,7 +95,7 @@ class TokenAlignment:
         layer, logits); index and weight must not change after the first gather."""
         key = (x.shape[2], x.dtype, x.device)
         if key not in self._maps:
-            keeps = (self._host or self).keeps_rows(x.shape[2])
+            keeps = self.selects_rows(x.shape[2])
             self._maps[key] = None if keeps else self.matrix(x.shape[2], x.dtype).to(x.device)
         m = self._maps[key]
         if m is None:  # a view: no copy of [B, 1, T, V] logits

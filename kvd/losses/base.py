@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
@@ -62,10 +62,16 @@ class Loss(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
 
-    def row_term(self, student_logits: Tensor, other: Tensor, mask: Tensor) -> RowTerm | None:
+    reads_logit_rows: ClassVar[bool] = False
+    """A logit loss whose `row_term` also takes the teacher's logits as rows made on demand
+    (kvd.losses.rowwise.Rows, e.g. from the teacher's hidden states: kvd.modeling.head.HeadRows)
+    instead of a [B, T, V] tensor."""
+
+    def row_term(self, student_logits: Tensor, other: Any, mask: Tensor) -> RowTerm | None:
         """This loss as a row-wise kernel over the student logits [B, T, V] (CE, logit KD),
-        `other` and `mask` as `forward` takes them, so that the trainer runs all such losses
-        of a step in one pass with one gradient buffer (kvd.losses.rowwise); None (the
-        default) when it is not one. `forward` must give the same value."""
+        `other` and `mask` as `forward` takes them (or `Rows`, with reads_logit_rows), so that
+        the trainer runs all such losses of a step in one pass with one gradient buffer
+        (kvd.losses.rowwise); None (the default) when it is not one. `forward` must give the
+        same value."""
         del student_logits, other, mask
         return None

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from kvd.core.errors import PlanError
 from kvd.losses.base import Loss, LossInputs
-from kvd.losses.rowwise import CHUNK_ELEMENTS, RowTerm, SoftKLRows, row_chunks, rowwise_group
+from kvd.losses.rowwise import (
+    CHUNK_ELEMENTS,
+    Rows,
+    RowTerm,
+    SoftKLRows,
+    row_chunks,
+    rowwise_group,
+)
 
 
 class TemperatureConfig(Loss.Config):
@@ -40,12 +47,17 @@ class LogitKDLoss(LogitLoss):
     requires the same vocabulary size."""
 
     needs_student_vocab: ClassVar[bool] = True
+    reads_logit_rows: ClassVar[bool] = True
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    def forward(
+        self, student_logits: Tensor, teacher_logits: Tensor | Rows, mask: Tensor
+    ) -> Tensor:
         term = self.row_term(student_logits, teacher_logits, mask)
         return rowwise_group(student_logits, [term])[0]
 
-    def row_term(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> RowTerm:
+    def row_term(
+        self, student_logits: Tensor, teacher_logits: Tensor | Rows, mask: Tensor
+    ) -> RowTerm:
         vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
         if vs != vt:
             raise PlanError(
@@ -55,7 +67,9 @@ class LogitKDLoss(LogitLoss):
                 "`alignment.vocab: {name: first_token}`, or use loss 'uld' (Universal Logit "
                 "Distillation), which compares sorted probabilities",
             )
-        return RowTerm(SoftKLRows(self.temperature), teacher_logits.detach(), mask.bool())
+        if isinstance(teacher_logits, Tensor):
+            teacher_logits = teacher_logits.detach()
+        return RowTerm(SoftKLRows(self.temperature), teacher_logits, mask.bool())
 
 
 class ULDLoss(LogitLoss):

@@ -50,14 +50,25 @@ CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
 last-level cache; 2**21 was fastest of 2**18..2**22 measured), 512 MiB on CUDA (few launches)."""
 
 
+class Rows(Protocol):
+    """Target rows [..., V] made on demand (a teacher's logits from its hidden states:
+    kvd.modeling.head.HeadRows): `shape` as the tensor's, and `rows[a:b]` -> [b - a, V], rows
+    a..b-1 of the flattened leading dims."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def __getitem__(self, rows: slice, /) -> Tensor: ...
+
+
 @dataclass
 class RowTerm:
     """One row-wise loss on a logits tensor: its kernel, targets [..., *] (rows matching the
-    logits' leading dims, or the rows `index` names: `rowwise_group`), valid [...] bool rows,
-    and its weight in a group's total."""
+    logits' leading dims, or the rows `index` names: `rowwise_group`; a tensor, or Rows made a
+    chunk at a time), valid [...] bool rows, and its weight in a group's total."""
 
     kernel: RowKernel
-    targets: Tensor
+    targets: Tensor | Rows
     valid: Tensor
     weight: float = 1.0
 
@@ -88,11 +99,13 @@ class _Rowwise(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)
-        rows_of = []  # per term: targets and valid [R] by its own flat rows
+        rows_of: list[tuple[Tensor | Rows, Tensor]] = []  # per term: targets, valid [R] by flat row
         for term in terms:
             valid = term.valid.reshape(-1)
-            rest = term.targets.shape[term.valid.dim() :]
-            rows_of.append((term.targets.reshape(valid.shape[0], *rest), valid))
+            targets = term.targets
+            if isinstance(targets, Tensor):
+                targets = targets.reshape(valid.shape[0], *targets.shape[term.valid.dim() :])
+            rows_of.append((targets, valid))
         valids = [valid if index is None else valid[index] for _, valid in rows_of]
         counts = [valid.sum().clamp_min(1) for valid in valids]
         # d total / d x of term k on a valid row: weight_k * tau_k * (q - p) / n_k

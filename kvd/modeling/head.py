@@ -1,11 +1,11 @@
 """A causal LM's output head as data: logits = softcap(hidden @ weight.T + bias).
 
-The offline teacher cache stores a teacher's last hidden states [B, T, d] instead of its logits
-[B, T, V] (d = 384..2048 against V = 49152..262144: 30-600x fewer bytes) and this head once; a
-cached step applies the head to get the very logits the teacher's forward gives. Whether a
-model's logits are exactly this function of its hidden states is checked on a real batch
-(TeacherSide.build_cache), never assumed: a model that does more after its output embedding keeps
-storing logits.
+A step keeps a teacher's last hidden states [B, T, d] instead of its logits [B, T, V]
+(d = 384..2048 against V = 49152..262144: 30-600x fewer bytes), and so does the offline teacher
+cache, which stores this head once; the logit losses apply the head a chunk of rows at a time
+(HeadRows), so the teacher's [B, T, V] logits are never held whole. Whether a model's logits are
+exactly this function of its hidden states is checked on a real batch (TeacherSide), never
+assumed: a model that does more after its output embedding keeps giving logits.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ class OutputHead:
             out[f"{prefix}/bias"] = self.bias.contiguous()
         return out
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
     @staticmethod
     def from_tensors(
         tensors: dict[str, Tensor], prefix: str, softcap: float | None, device: torch.device
@@ -63,3 +67,19 @@ class OutputHead:
             None if bias is None else bias.to(device),
             softcap,
         )
+
+
+class HeadRows:
+    """Logits [..., V] = head(hidden) for hidden [..., d], made on demand a slice of rows at a
+    time: `rows[a:b]` -> [b - a, V], rows of the flattened leading dims. The row-wise logit
+    losses (kvd.losses.rowwise) read it in place of a [..., V] tensor. The head runs outside any
+    autocast region, in the teacher's dtype, as the teacher's own forward does."""
+
+    def __init__(self, hidden: Tensor, head: OutputHead) -> None:
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.head = head
+        self.shape = torch.Size((*hidden.shape[:-1], head.vocab_size))
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        with torch.autocast(self.hidden.device.type, enabled=False):
+            return self.head(self.hidden[rows])

@@ -155,7 +155,7 @@ class Trainer:
                 if self.teacher_side.cache is not None:
                     targets = self.teacher_side.cached_targets(stage, state.step, micro)
                 else:
-                    targets = self.teacher_side.targets(stage, texts, s_batch, step=state.step)
+                    targets = self.teacher_side.step_targets(stage, texts, s_batch, step=state.step)
             task = self.data.tasks.ids(tasks).to(self.rt.device)
             with (
                 oom_guard("the student step", s_batch, self.rt.device, state.step),

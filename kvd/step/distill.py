@@ -244,7 +244,8 @@ class DistillModel(nn.Module):
                 active = [t for t in term.teachers if t in targets]
                 found = []
                 for tid, w in self._weights(active).items():
-                    t_logits = targets[tid].logits
+                    t = targets[tid]
+                    t_logits = t.logit_rows() if term.module.reads_logit_rows else t.dense_logits()
                     if t_logits is not None:
                         valid = targets[tid].logit_valid
                         found.append((tid, w, term.module.row_term(logits, t_logits, valid)))
@@ -284,10 +285,11 @@ class DistillModel(nn.Module):
         for tid, w in self._weights(active).items():
             t = targets[tid]
             if reads_logits(term.module):
-                if t.logits is None:
+                t_logits = t.dense_logits()
+                if t_logits is None:
                     continue
                 assert logits is not None
-                value = term.module(logits, t.logits, t.logit_valid)
+                value = term.module(logits, t_logits, t.logit_valid)
             elif reads_raw_kv(term.module):
                 value = self._raw(term.module, s_keys, s_values, t)
             else:

@@ -7,7 +7,7 @@ mapped to the student's by the token aligner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from kvd.core.phases import phase
 from kvd.core.types import TokenAlignment, TokenBatch
 from kvd.data.tokenize import tokenize
 from kvd.modeling.capture import capture_kv
-from kvd.modeling.head import OutputHead
+from kvd.modeling.head import HeadRows, OutputHead
 from kvd.modeling.nll import next_token_nll
 from kvd.spec.models import LoadedModel
 
@@ -47,9 +47,9 @@ class TeacherTargets:
     rope aligner's space); mask: [B, Ts] bool, True where the student token is real and has a
     causally valid teacher token; logits: [B, Ts, Vt] aligned teacher logits or None;
     ce: [B] the teacher's mean next-token NLL per sequence on its own tokens, or None.
-    For the offline cache, the logits can instead be given by hidden [B, Tt, d] (the teacher's
-    last hidden states at its own positions) and the alignment that maps them: the aligned
-    logits are `alignment.gather(head(hidden))` (`with_logits`).
+    The logits can instead be given by hidden [B, Tt, d] (the teacher's last hidden states at
+    its own positions), the alignment that maps them and the teacher's head: the aligned logits
+    are `alignment.gather(head(hidden))` (`dense_logits`; `logit_rows` for the row-wise losses).
     A teacher whose logits are mapped onto the student's vocabulary (TeacherRuntime.vocab) has
     them as `top_k` too (what the cache stores; `logits` is `top_k.dense()`), valid where
     logit_mask [B, Ts] is True: where both tokenisations end at the same character.
@@ -65,19 +65,48 @@ class TeacherTargets:
     alignment: TokenAlignment | None = None
     top_k: TopK | None = None
     logit_mask: torch.Tensor | None = None
+    head: OutputHead | None = None
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def logit_valid(self) -> torch.Tensor:
         """[B, Ts] bool: where the logit losses may read `logits`."""
         return self.mask if self.logit_mask is None else self.logit_mask
 
-    def with_logits(self, head: OutputHead) -> TeacherTargets:
-        """These targets with the aligned logits computed from `hidden` by the teacher's head,
-        exactly as `teacher_targets` aligns the teacher's own logits."""
-        if self.hidden is None or self.alignment is None:
-            raise ValueError("these targets hold no hidden states to compute logits from")
-        logits = self.alignment.gather(head(self.hidden).unsqueeze(1)).squeeze(1)
-        return replace(self, logits=logits, hidden=None, alignment=None)
+    @property
+    def has_logits(self) -> bool:
+        """Whether these targets give the teacher's logits (whole or as hidden states)."""
+        return self.logits is not None or self._hidden_form is not None
+
+    @property
+    def _hidden_form(self) -> tuple[torch.Tensor, TokenAlignment, OutputHead] | None:
+        if self.hidden is None or self.alignment is None or self.head is None:
+            return None
+        return self.hidden, self.alignment, self.head
+
+    def dense_logits(self) -> torch.Tensor | None:
+        """The aligned logits [B, Ts, V]: `logits`, or computed from the hidden states by the
+        teacher's head exactly as `teacher_targets` aligns the teacher's own logits."""
+        form = self._hidden_form
+        if self.logits is not None or form is None:
+            return self.logits
+        if self._dense is None:  # made once: a loss that is not row-wise may ask again
+            hidden, alignment, head = form
+            with torch.autocast(hidden.device.type, enabled=False):
+                self._dense = alignment.gather(head(hidden).unsqueeze(1)).squeeze(1)
+        return self._dense
+
+    def logit_rows(self) -> torch.Tensor | HeadRows | None:
+        """The aligned logits for the row-wise losses: where the alignment only selects rows (a
+        teacher with the student's tokenizer), made from the hidden states a chunk of rows at a
+        time (HeadRows [B, Ts, V], the same values: the head works row by row), else
+        `dense_logits()`."""
+        form = self._hidden_form
+        if self.logits is None and form is not None:
+            hidden, alignment, head = form
+            if alignment.selects_rows(hidden.shape[1]):
+                return HeadRows(alignment.gather(hidden.unsqueeze(1)).squeeze(1), head)
+        return self.dense_logits()
 
 
 def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -97,13 +126,14 @@ def teacher_targets(
     want_logits: bool,
     want_ce: bool,
     device: torch.device,
-    hidden_logits: bool = False,
+    head: OutputHead | None = None,
     want_kv: bool = True,
 ) -> TeacherTargets:
     """Targets of `teacher` for `texts`, whose student tokenisation is `student` (on CPU).
-    want_kv=False (no loss reads K/V) records, un-rotates and aligns none. hidden_logits: give
-    wanted logits as hidden states and their alignment (the offline cache's compact form; see
-    TeacherTargets), the LM head skipped unless CE needs it. A teacher with a vocabulary map
+    want_kv=False (no loss reads K/V) records, un-rotates and aligns none. head (the teacher's,
+    checked to give its logits): give wanted logits as hidden states, their alignment and this
+    head (the compact form; see TeacherTargets), the LM head skipped unless CE needs it. A
+    teacher with a vocabulary map
     gives its logits at `next_token_alignment`'s positions, mapped onto the student's
     vocabulary and kept to the map's top k."""
     if teacher.loaded is None:
@@ -116,7 +146,7 @@ def teacher_targets(
     mask = batch.attention_mask.to(device)
     model = teacher.loaded.model
     mapped = want_logits and teacher.vocab is not None
-    as_hidden = want_logits and hidden_logits and not mapped
+    as_hidden = want_logits and head is not None and not mapped
     with phase("teacher/forward"):
         cap = capture_kv(
             model,
@@ -158,5 +188,8 @@ def teacher_targets(
             return TeacherTargets(
                 out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
             )
-        kept = alignment if as_hidden else None  # cap.hidden is None unless as_hidden
-        return TeacherTargets(out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=kept)
+        if not as_hidden:  # cap.hidden is None too
+            return TeacherTargets(out_k, out_v, valid, logits, ce)
+        return TeacherTargets(
+            out_k, out_v, valid, logits, ce, hidden=cap.hidden, alignment=alignment, head=head
+        )

@@ -99,7 +99,7 @@ def unpack(
             t = replace(t, logits=top.dense(), top_k=top)
         if "hidden" in e:
             alignment = TokenAlignment(e["align_index"], e["align_weight"], e["mask"])
-            t = replace(t, hidden=e["hidden"], alignment=alignment).with_logits(heads[tid])
+            t = replace(t, hidden=e["hidden"], alignment=alignment, head=heads[tid])
         out[tid] = t
     return out
 

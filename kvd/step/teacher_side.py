@@ -9,8 +9,9 @@ teachers over every batch of the run once and stores exactly those targets.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ class TeacherSide:
         self._map_vocabularies(geometries)
         self.shapes = {tid: g.kv_shape for tid, g in geometries.items()}
         """KV shape per teacher id."""
+        self._heads: dict[str, OutputHead] | None = None  # step_targets' checked heads
 
     def _load(self, refs: list[TeacherRef]) -> dict[str, LoadedModel]:
         """Load each teacher (sharded right after it loads under teacher_parallel: fsdp, so a
@@ -164,11 +166,12 @@ class TeacherSide:
         student_batch: TokenBatch,
         *,
         step: int,
-        hidden_logits: Iterable[str] = (),
+        heads: Mapping[str, OutputHead] = MappingProxyType({}),
     ) -> dict[str, TeacherTargets]:
         """Targets of the teachers active in `stage` for these texts; logits only for teachers
         a logit loss reads (the LM head of a 262k vocabulary costs more than the rest of a small
-        model), as hidden states for the teachers in `hidden_logits` (the offline cache)."""
+        model), as hidden states and head for the teachers in `heads` (checked ones:
+        `checked_heads`)."""
         active = set(stage.teachers)
         logit_readers = stage.logit_readers
         out = {}
@@ -185,10 +188,21 @@ class TeacherSide:
                     want_logits=t.id in logit_readers,
                     want_ce=stage.fusion.needs_teacher_ce,
                     device=self.rt.device,
-                    hidden_logits=t.id in hidden_logits,
+                    head=heads.get(t.id),
                     want_kv=stage.reads_kv,
                 )
         return out
+
+    def step_targets(
+        self, stage: Stage, texts: list[str], student_batch: TokenBatch, *, step: int
+    ) -> dict[str, TeacherTargets]:
+        """The targets a training step reads: as `targets`, with the logits as hidden states
+        wherever the teacher's head gives them exactly (checked on the first batch), so a step
+        never holds a [B, Ts, V] tensor of teacher logits for the row-wise losses."""
+        if self._heads is None:
+            self._heads, got = self.checked_heads(stage, texts, student_batch, step=step)
+            return got
+        return self.targets(stage, texts, student_batch, step=step, heads=self._heads)
 
     def cached_targets(self, stage: Stage, step: int, micro: int) -> dict[str, TeacherTargets]:
         """The targets of optimizer step `step` (0-based), micro-batch `micro`, from the
@@ -208,7 +222,7 @@ class TeacherSide:
         for tid in active:
             t = cached.get(tid)
             lacks = None
-            if t is not None and tid in readers and t.logits is None:
+            if t is not None and tid in readers and not t.has_logits:
                 lacks = "logits"
             elif t is not None and stage.fusion.needs_teacher_ce and t.ce is None:
                 lacks = "per-sequence CE"
@@ -238,22 +252,16 @@ class TeacherSide:
         tr = self.spec.training
         progress.start(tr.max_steps, 0)
         curriculum.set_step(0)
-        readers = curriculum.stage.logit_readers
         heads: dict[str, OutputHead] = {}
-        for t in self.teachers:
-            head = OutputHead.of(t.loaded.model) if t.id in readers and t.loaded else None
-            if head is not None:
-                heads[t.id] = head
         for step in range(tr.max_steps):
             curriculum.set_step(step)
             tensors: dict[str, torch.Tensor] = {}
             for micro in range(tr.grad_accum):
                 texts, _, s_batch = batches.next()
-                targets = self.targets(
-                    curriculum.stage, texts, s_batch, step=step, hidden_logits=set(heads)
-                )
                 if step == 0 and micro == 0:
-                    targets = self._check_heads(curriculum.stage, heads, targets, texts, s_batch)
+                    heads, targets = self.checked_heads(curriculum.stage, texts, s_batch, step=0)
+                else:
+                    targets = self.targets(curriculum.stage, texts, s_batch, step=step, heads=heads)
                 tensors |= pack(targets, micro)
             writer.put(step, tensors)
             progress.update(step + 1, {"cache_mb": writer.bytes / 2**20})
@@ -263,21 +271,32 @@ class TeacherSide:
         }
         return writer.finish(tr.max_steps, plans, heads)
 
-    def _check_heads(
-        self,
-        stage: Stage,
-        heads: dict[str, OutputHead],
-        targets: dict[str, TeacherTargets],
-        texts: list[str],
-        student_batch: TokenBatch,
-    ) -> dict[str, TeacherTargets]:
-        """Keep in `heads` only the teachers whose stored hidden states give exactly their
-        aligned logits on this batch; the others' targets get their logits instead."""
-        plain = self.targets(stage, texts, student_batch, step=0)
+    def checked_heads(
+        self, stage: Stage, texts: list[str], student_batch: TokenBatch, *, step: int
+    ) -> tuple[dict[str, OutputHead], dict[str, TeacherTargets]]:
+        """The heads of the teachers whose logits some loss reads (in any stage) and whose
+        hidden states give exactly their aligned logits, checked on this batch against the
+        teachers' own logits, and this batch's targets with those heads (the others' targets
+        hold their logits)."""
+        readers = set(logit_teachers(self.spec))
+        sharded = self.spec.training.teacher_parallel == "fsdp" and self.rt.world > 1
+        heads = {}
+        for t in self.teachers:
+            # a sharded teacher's head is a shard: its own forward gathers it
+            head = OutputHead.of(t.loaded.model) if t.loaded and not sharded else None
+            if head is not None and t.id in readers and t.vocab is None:
+                heads[t.id] = head
+        targets = self.targets(stage, texts, student_batch, step=step, heads=heads)
+        if not heads:
+            return heads, targets
+        plain = self.targets(stage, texts, student_batch, step=step)
         for tid in list(heads):
-            got, want = targets[tid], plain[tid].logits
-            computed = got.with_logits(heads[tid]).logits if got.hidden is not None else None
-            if computed is None or want is None or not torch.equal(computed, want):
-                del heads[tid]
-                targets[tid] = plain[tid]
-        return targets
+            got, want = targets.get(tid), plain.get(tid)
+            computed = got.dense_logits() if got is not None and got.hidden is not None else None
+            known = want.logits if want is not None else None
+            if known is not None and computed is not None and torch.equal(computed, known):
+                continue
+            del heads[tid]  # wrong, or not checked (no logits read in this stage): not used
+            if want is not None:
+                targets[tid] = want
+        return heads, targets
