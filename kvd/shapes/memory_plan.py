@@ -15,9 +15,10 @@ and targets follow from the spec's micro-batch (training.batch_size x data.seq_l
   all of it over the ranks and gathers the group of embeddings, norm and head (for the whole
   step) and one decoder layer at a time, weights and gradients;
 - teachers whole on every rank, or with training.teacher_parallel: fsdp (the third plan) 1/ranks
-  of each teacher, plus, while one runs, its gathered embeddings, final norm and head and two
-  decoder layers (the one running and the next, prefetched), twice (FSDP's all-gather buffer
-  and the parameters copied out of it);
+  of each teacher, plus, while one runs, its gathered root group (final norm; embeddings and
+  head when tied), the larger of its untied embeddings and head (each a group gathered for its
+  own call only, kvd.modeling.sharding) and two decoder layers (the one running and the next,
+  prefetched), twice (FSDP's all-gather buffer and the parameters copied out of it);
 - student activations kept for backward, per decoder layer and token: 4 hidden_size (norm
   inputs and outputs) + 3 q + 4 kv (projections before and after RoPE) + 4 intermediate_size
   (gate, up, activation, product) values, in bf16 under bf16 autocast else fp32, assuming fused
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 
 from kvd.core.errors import KvdError
+from kvd.modeling.sharding import untied_embeddings
 from kvd.shapes.plan import BF16, Plan
 from kvd.spec.geometry import ModelGeometry
 from kvd.spec.runspec import RunSpec
@@ -62,10 +64,12 @@ _UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Parameters of a model (tied weights once) and of its largest decoder layer."""
+    """Parameters of a model (tied weights once), of its largest decoder layer, and of its input
+    embeddings and LM head when untied (() when tied)."""
 
     params: int
     layer_params: int
+    untied_params: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,8 @@ def model_size(geometry: ModelGeometry) -> ModelSize:
         layer = max(sum(p.numel() for p in m.parameters()) for m in layers)
     else:
         layer = math.ceil(params / geometry.num_layers)
-    return ModelSize(params, layer)
+    untied = tuple(sum(p.numel() for p in m.parameters()) for m in untied_embeddings(model))
+    return ModelSize(params, layer, untied)
 
 
 def memory_plans(
@@ -208,8 +213,9 @@ def _teacher_items(
         if pair.teacher in reads_logits:
             per_token += g.vocab_size * (b + FP32)
         size = sizes[pair.teacher]
-        rest = size.params - g.num_layers * size.layer_params  # embeddings, norm, head
-        gathered = 0 if shards == 1 else 2 * (rest + 2 * size.layer_params) * b
+        root = size.params - g.num_layers * size.layer_params - sum(size.untied_params)
+        at_once = root + max(size.untied_params, default=0) + 2 * size.layer_params
+        gathered = 0 if shards == 1 else 2 * at_once * b
         forward = max(forward, tokens * per_token + gathered)
     return [
         MemoryItem("teachers", weights, note),

@@ -290,9 +290,11 @@ class TrainingSpec(Strict):
     (GPU runs; on a CPU run it changes nothing)."""
     teacher_parallel: Literal["replicate", "fsdp"] = "replicate"
     """Under torchrun: replicate (every process holds every teacher whole) or fsdp (each
-    teacher's decoder layers and the rest sharded over the processes, gathered one layer at a
-    time in its forward: a process holds 1/world of each teacher plus one layer). The targets
-    are the same either way."""
+    teacher sharded over the processes in groups: each decoder layer, the input embeddings and
+    the LM head when untied, and the rest (final norm; tied embeddings); its forward gathers
+    each group around that group's own call, the rest for the whole forward: a process holds
+    1/world of each teacher plus the rest and one group). The targets are the same either
+    way."""
     log_every: int = Field(1, ge=1)
     """Write a metrics.jsonl record every this many steps."""
     checkpoint_every: int = Field(100, ge=1)
