@@ -41,7 +41,7 @@ test: $(STAMP)
 
 # Every benchmark of benchmarks/, each rewriting its section of benchmarks/RESULTS.md (~15 min).
 bench: $(STAMP)
-	KVD_ALLOCATOR=system $(BIN)/python -m benchmarks.step_overhead || exit 1; for b in step_overhead whole_run peers compile phases teacher_cache flops scaling ddp; do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	KVD_ALLOCATOR=system $(BIN)/python -m benchmarks.step_overhead || exit 1; for b in step_overhead whole_run peers compile phases teacher_cache flops scaling ddp teacher_placement; do $(BIN)/python -m benchmarks.$$b || exit 1; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvd tests plugins_contrib scripts benchmarks
