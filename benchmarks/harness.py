@@ -7,8 +7,9 @@ a student step. The efficient bare (the headline baseline) takes kvd's own CE-on
 a CE-only Trainer on the same spec (LM head on real tokens only, kvd's chunked CE kernel, the same
 clipping, optimizer, schedule and step record). The plain HF bare drives a copy of the student
 with transformers' forward with labels (head and loss on every position, padding included),
-backward and AdamW. What the kvd step costs beyond the efficient bare is distillation itself:
-tokenising for the teachers, alignment, projection, fusion and the distillation losses.
+backward and AdamW; the packed bare does the same on each batch's real tokens packed into one
+row without padding (`pack`). What the kvd step costs beyond the efficient bare is distillation
+itself: tokenising for the teachers, alignment, projection, fusion and the distillation losses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kvd.core.runtime import setup_runtime
 from kvd.core.types import TokenBatch
 from kvd.data.packing import BatchStream
 from kvd.data.tokenize import tokenize
+from kvd.modeling.nll import IGNORE
 from kvd.run.train import Trainer
 from kvd.spec.runspec import parse_spec
 
@@ -63,11 +65,60 @@ def kvd_step(trainer: Trainer) -> dict[str, Any]:
 
 
 @dataclass
+class Packed:
+    """A student batch's real tokens back to back in one row: input_ids, position_ids and
+    labels [1, N], N = the batch's real tokens."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+    def inputs(self, device: torch.device) -> dict[str, Any]:
+        """The student's forward arguments on `device`: no attention_mask and no cache (which
+        use_cache builds by default), or transformers does not read the packing."""
+        return {
+            "input_ids": self.input_ids.to(device),
+            "position_ids": self.position_ids.to(device),
+            "labels": self.labels.to(device),
+            "use_cache": False,
+        }
+
+
+def pack(batch: TokenBatch) -> Packed:
+    """The real tokens of `batch` (input_ids, attention_mask [B, T]) packed without padding, as
+    transformers' DataCollatorWithFlattening packs for training: one row, position_ids restarting
+    at 0 with each text, label IGNORE on each text's first token (no text's last token is taught
+    the next text's first).
+
+    Called with no attention_mask and no cache, transformers reads the restarts as text
+    boundaries (masking_utils.find_packed_sequence_indices) and builds a block-diagonal causal
+    mask (for sdpa and eager, as flash-attention's varlen path does): each token sees its own
+    text's prefix at the same positions, so logits and CE equal the padded batch's. One row
+    rather than rows cut at seq_len, because a cut text loses its context and one target there.
+    The price on sdpa, which has no varlen kernel: the mask is dense, so attention scores N^2
+    pairs (about B times the padded batch's B*T^2); projections, MLP and LM head run on the N
+    real tokens only."""
+    mask = batch.attention_mask.bool()
+    input_ids = batch.input_ids[mask][None]
+    position_ids = (mask.cumsum(1) - 1)[mask][None]  # 0..n-1 over each text's n real tokens
+    return Packed(input_ids, position_ids, input_ids.masked_fill(position_ids == 0, IGNORE))
+
+
+@dataclass
 class BareBatch:
-    """One micro-batch tokenised for every model: per teacher (ids, mask, logits_to_keep)."""
+    """One micro-batch tokenised for every model: per teacher (ids, mask, logits_to_keep), the
+    student's and, for the packed bare, the student's packed."""
 
     teachers: list[tuple[torch.Tensor, torch.Tensor, int]]
     student: TokenBatch
+    packed: Packed | None = None
+
+    @property
+    def tokens(self) -> int:
+        """The real student tokens the student step trains on."""
+        if self.packed is not None:
+            return self.packed.input_ids.shape[1]
+        return int(self.student.attention_mask.sum())
 
 
 def ce_only(spec_data: dict[str, Any]) -> dict[str, Any]:
@@ -82,11 +133,17 @@ class Bare:
     """A baseline on the trainer's teachers and the batches the trainer sees, in the same order:
     plain transformers teacher forwards, then the student step of `ce` (a Trainer of
     `ce_only(spec)`: the efficient bare) or, without `ce`, of a copy of the trainer's student
-    driven by plain transformers calls (the HF bare)."""
+    driven by plain transformers calls (the HF bare; with `packed`, on packed batches: the
+    packed bare)."""
 
-    def __init__(self, trainer: Trainer, ce: Trainer | None = None) -> None:
+    def __init__(
+        self, trainer: Trainer, ce: Trainer | None = None, *, packed: bool = False
+    ) -> None:
+        if ce is not None and packed:
+            raise ValueError("the packed bare drives the HF bare's student: give ce or packed")
         self.trainer = trainer
         self.ce = ce
+        self.packed = packed
         readers = trainer.curriculum.stage.logit_readers
         wants_all = trainer.curriculum.stage.fusion.needs_teacher_ce
         self.teachers = [
@@ -119,7 +176,7 @@ class Bare:
                     (b.input_ids.to(self.device), b.attention_mask.to(self.device), keep)
                 )
             s = tokenize(self.trainer.student.tokenizer, texts, max_length=seq_len, add_bos=s_bos)
-            out.append(BareBatch(teachers, s))
+            out.append(BareBatch(teachers, s, pack(s) if self.packed else None))
         return out
 
     # boolean attention masks: with int masks transformers builds the 4D mask more slowly
@@ -130,11 +187,15 @@ class Bare:
             loaded.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
 
     def student_forward_backward(self, batch: BareBatch) -> None:
-        ids = batch.student.input_ids.to(self.device)
-        mask = batch.student.attention_mask.to(self.device).bool()
-        labels = ids.masked_fill(~mask.bool(), -100)
+        if batch.packed is not None:
+            inputs = batch.packed.inputs(self.device)
+        else:
+            ids = batch.student.input_ids.to(self.device)
+            mask = batch.student.attention_mask.to(self.device).bool()
+            labels = ids.masked_fill(~mask, IGNORE)
+            inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.student(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = self.student(**inputs).loss
         (loss / self.trainer.spec.training.grad_accum).backward()
 
     def update(self) -> None:
@@ -149,7 +210,7 @@ class Bare:
             self.teacher_forwards(b)
         sync(self.device)
         t1 = time.perf_counter()
-        tokens = sum(int(b.student.attention_mask.sum()) for b in batches)
+        tokens = sum(b.tokens for b in batches)
         if self.ce is not None:
             before = self.ce.state.tokens
             kvd_step(self.ce)
@@ -201,13 +262,15 @@ class Samples:
 @dataclass
 class Overhead:
     """The kvd step against its baseline (the efficient bare when step_overhead had a CE-only
-    trainer, else the HF bare; then also the HF bare apart), and how busy the machine was."""
+    trainer, else the HF bare; then also the HF bare apart), the packed bare when asked for,
+    and how busy the machine was."""
 
     kvd: Samples
     bare: Samples
     teachers_s: float  # median seconds of the baseline's teacher forwards
     student_s: float  # median seconds of the baseline's student step
     hf: Samples | None
+    packed: Samples | None
     load: float  # the 1-minute load average at the end
     cpu_per_wall: float  # this process's CPU seconds per wall second over the run
     cores: int
@@ -240,12 +303,16 @@ BLOCK = 3
 
 
 def step_overhead(
-    trainer: Trainer, repeats: int, warmup: int = 1, ce: Trainer | None = None
+    trainer: Trainer,
+    repeats: int,
+    warmup: int = 1,
+    ce: Trainer | None = None,
+    packed: bool = False,
 ) -> Overhead:
     """kvd and bare steps in alternating blocks of BLOCK steps on the same batches (the k-th
     step of every side sees batch k, checked by its student tokens); medians, means and p90
     of `repeats` steps per side. With `ce` (a Trainer of `ce_only(spec)`) the baseline is the
-    efficient bare and the HF bare runs as a third side.
+    efficient bare and the HF bare runs as a third side; with `packed` the packed bare runs too.
 
     The first step of every block is not counted: right after a switch the other side's
     buffers are still in the allocator and caches, which neither side meets in a real run
@@ -254,6 +321,8 @@ def step_overhead(
     bares = {"hf": Bare(trainer)}
     if ce is not None:
         bares["efficient"] = Bare(trainer, ce)
+    if packed:
+        bares["packed"] = Bare(trainer, packed=True)
     sides = ["kvd", *bares]
     rows: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     counted = BLOCK - 1
@@ -280,7 +349,7 @@ def step_overhead(
     for side, s in samples.items():
         if s.tokens != samples["kvd"].tokens:
             raise AssertionError(
-                f"the {side} bare saw other batches than kvd (student tokens per step "
+                f"the {side} bare trained on other tokens than kvd (student tokens per step "
                 f"{s.tokens} vs {samples['kvd'].tokens})"
             )
     base = "efficient" if ce is not None else "hf"
@@ -290,6 +359,7 @@ def step_overhead(
         teachers_s=statistics.median(r["teachers_s"] for r in rows[base]),
         student_s=statistics.median(r["student_s"] for r in rows[base]),
         hf=samples["hf"] if ce is not None else None,
+        packed=samples.get("packed"),
         load=os.getloadavg()[0],
         cpu_per_wall=cpu_per_wall,
         cores=os.cpu_count() or 1,

@@ -4,10 +4,12 @@
     python -m benchmarks.step_overhead [--smoke] [--repeats N] [--device cuda]
 
 For the quickstart (two real PyPI teachers) and a 3-teacher random setup: kvd steps, efficient
-bare steps (teacher forwards + kvd's own CE-only student step) and HF bare steps (teacher
-forwards + plain transformers student step, LM head and loss on padding too) alternate in blocks
-on the same batches in one process (benchmarks/harness.py). Memory: each side in a fresh process;
-the target is on the steps' own memory, the peak above the loaded models.
+bare steps (teacher forwards + kvd's own CE-only student step), HF bare steps (teacher forwards
++ plain transformers student step, LM head and loss on padding too) and packed bare steps (the
+HF bare's student step on the same real tokens packed into one row without padding) alternate
+in blocks on the same batches in one process (benchmarks/harness.py). Memory: kvd and the
+efficient bare, each in a fresh process; the target is on the steps' own memory, the peak above
+the loaded models.
 
 Under `KVD_ALLOCATOR=system` (glibc's malloc instead of kvd's mimalloc) the results go to their
 own section, so both allocators' ratios stand side by side.
@@ -50,8 +52,8 @@ def main() -> None:
         data = SETUPS[name]()
         trainer = build_trainer(data, args.device)
         ce = build_trainer(ce_only(data), args.device)
-        o = step_overhead(trainer, args.repeats, ce=ce)
-        assert o.hf is not None
+        o = step_overhead(trainer, args.repeats, ce=ce, packed=True)
+        assert o.hf is not None and o.packed is not None
         del trainer, ce
         mem_steps = 2 if args.smoke else 4
         kvd = peak_memory(name, "kvd", mem_steps, args.device)
@@ -70,6 +72,8 @@ def main() -> None:
                 f"{o.kvd.p90 / o.bare.p90:.3f}",
                 o.hf.median,
                 f"{o.kvd_s / o.hf.median:.3f}",
+                o.packed.median,
+                f"{o.kvd_s / o.packed.median:.3f}",
                 bare.peak_mb,
                 kvd.peak_mb,
                 bare.steps_mb,
@@ -82,7 +86,8 @@ def main() -> None:
         )
         print(
             f"{name}: step {o.ratio:.3f} ({o.kvd_s:.3f}s / {o.bare_s:.3f}s efficient bare; "
-            f"{o.kvd_s / o.hf.median:.3f} of the HF bare), steps' own memory {memory:.3f} "
+            f"{o.kvd_s / o.hf.median:.3f} of the HF bare, {o.kvd_s / o.packed.median:.3f} of "
+            f"the packed bare), steps' own memory {memory:.3f} "
             f"({kvd.steps_mb:.0f} / {bare.steps_mb:.0f} MiB), load {o.load:.1f} on {o.cores} "
             f"cores{'' if o.reliable else ': UNRELIABLE'}"
         )
@@ -90,11 +95,15 @@ def main() -> None:
         f"Targets: step time ratio <= {STEP_TARGET}, steps' own memory ratio <= {MEMORY_TARGET}, "
         "both against the efficient bare (teacher forwards + kvd's CE-only student step: head on "
         "real tokens, the same CE kernel, clipping and optimizer). "
-        f"{args.repeats} steps per side; kvd, efficient bare and HF bare steps run in alternating "
-        "blocks of 3 on the same batch sequence (checked: equal student tokens at every step), "
-        "the first step of each block and one warm-up round uncounted (benchmarks/harness.py). "
-        "'step ratio' is of medians; means and 90th percentiles beside it. Memory: each side in "
-        "a fresh process, peak = resident set (CPU) or allocated bytes (CUDA) over the steps; "
+        "The HF bare: a plain transformers student step (head and loss on padding too, AdamW); "
+        "the packed bare: the same on the batch's real tokens packed into one row (position_ids "
+        "restarting per text, a block-diagonal causal mask, no padding). "
+        f"{args.repeats} steps per side; kvd, efficient, HF and packed bare steps run in "
+        "alternating blocks of 3 on the same batch sequence (checked: equal student tokens at "
+        "every step), the first step of each block and one warm-up round uncounted "
+        "(benchmarks/harness.py). 'step ratio' is of medians; means and 90th percentiles beside "
+        "it. Memory: kvd and the efficient bare, each in a fresh process, peak = resident set "
+        "(CPU) or allocated bytes (CUDA) over the steps; "
         "'steps' own' = the peak minus what was in use after loading. 'load / cores': the "
         "1-minute load average at the end; CPU/wall: this process's CPU seconds per second; "
         "reliable: load <= 1.25x cores.\n\n"
@@ -111,6 +120,8 @@ def main() -> None:
                 "ratio of p90",
                 "HF bare step s",
                 "ratio vs HF bare",
+                "packed bare step s",
+                "ratio vs packed bare",
                 "bare peak MiB",
                 "kvd peak MiB",
                 "bare steps' own MiB",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,7 +48,7 @@ def number(cell: str) -> float:
 @pytest.mark.parametrize(
     ("script", "key", "ratio_columns"),
     [
-        ("step_overhead", "step_overhead", [6, 7, 8, 10, 15]),
+        ("step_overhead", "step_overhead", [6, 7, 8, 10, 12, 17]),
         ("teacher_cache", "teacher_cache", [3, 7]),
         ("flops", "flops", [5]),
         ("scaling", "scaling", [8]),
@@ -69,6 +70,11 @@ def test_benchmark_smoke(script: str, key: str, ratio_columns: list[int], tmp_pa
     for row in table:
         for col in ratio_columns:
             assert number(row[col]) > 0, row
+    if script == "step_overhead":  # the HF and packed bares' columns, where ratio_columns reads
+        assert (
+            "| HF bare step s | ratio vs HF bare | packed bare step s | ratio vs packed bare |"
+            in body
+        )
     text = results.read_text()
     assert "untouched" in text and text.startswith("# kept")  # other sections are kept
     if script == "phases":  # the top-level phases account for the whole step
@@ -101,3 +107,42 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     assert text.startswith("# kvd benchmark results")
     assert text.count("<!-- bench:a -->") == 1 and "second" in text and "first" not in text
     assert "other" in text and text.index("bench:a") < text.index("bench:b")
+
+
+def test_the_packed_bare_trains_on_exactly_the_padded_batchs_real_tokens_and_ce() -> None:
+    from benchmarks.harness import BareBatch, pack
+    from kvd.data.tokenize import tokenize
+    from kvd.modeling.nll import IGNORE
+    from kvd.testing.factories import tiny_causal_lm
+
+    student = tiny_causal_lm()
+    model = student.model
+    assert model.config._attn_implementation == "sdpa"
+    texts = ["the first and longest text", "short", "a middle one"]
+    batch = tokenize(student.tokenizer, texts, add_bos=True)
+    mask = batch.attention_mask
+    assert not mask.all()  # padding for the packing to drop
+    packed = pack(batch)
+    lengths = mask.sum(1).tolist()
+    assert packed.input_ids.shape == (1, sum(lengths))
+    assert BareBatch([], batch, packed).tokens == int(mask.sum())
+    for row, n, ids, pos, labels in zip(
+        batch.input_ids,
+        lengths,
+        packed.input_ids[0].split(lengths),
+        packed.position_ids[0].split(lengths),
+        packed.labels[0].split(lengths),
+        strict=True,
+    ):
+        assert torch.equal(ids, row[:n]) and torch.equal(pos, torch.arange(n))
+        assert labels[0] == IGNORE and torch.equal(labels[1:], ids[1:])  # no target across texts
+
+    with torch.no_grad():
+        labels = batch.input_ids.masked_fill(~mask, IGNORE)
+        padded = model(input_ids=batch.input_ids, attention_mask=mask, labels=labels)
+        flat = model(**packed.inputs(torch.device("cpu")))
+        unmasked = model(input_ids=packed.input_ids, use_cache=False).logits  # texts see others
+    assert torch.isfinite(flat.loss)
+    torch.testing.assert_close(flat.loss, padded.loss)
+    torch.testing.assert_close(flat.logits[0], padded.logits[mask])
+    assert not torch.allclose(unmasked[0], padded.logits[mask], atol=1e-3)
