@@ -128,22 +128,57 @@ def trained_mib(out_dir: Path) -> float:
     return sum(t.numel() * t.element_size() for t in kept) / 2**20
 
 
+def torchrun(processes: int, *module_args: str) -> list[str]:
+    """The command running `python -m MODULE ARGS...` as `processes` local torchrun workers."""
+    found = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError("torchrun not found next to the interpreter (it ships with torch)")
+    return [found, "--standalone", "--nproc_per_node", str(processes), "-m", *module_args]
+
+
 def command(processes: int, spec_path: Path) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "kvd.cli", "train", str(spec_path)]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        raise RuntimeError("torchrun not found next to the interpreter (it ships with torch)")
-    return [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        str(processes),
-        "-m",
-        "kvd.cli",
-        "train",
-        str(spec_path),
-    ]
+    return torchrun(processes, "kvd.cli", "train", str(spec_path))
+
+
+@dataclass
+class Child:
+    """A finished child command: its output, wall seconds, and the cores other work kept busy
+    meanwhile (None off Linux)."""
+
+    proc: subprocess.CompletedProcess[str]
+    wall_s: float
+    other_cores: float | None
+
+
+def run_child(cmd: list[str], cwd: Path, threads: int, label: str) -> Child:
+    """Run `cmd` with OMP_NUM_THREADS=threads under kvd's allocator; an error with the tail of
+    its stderr when it times out or fails."""
+    env = dict(bench_env(), OMP_NUM_THREADS=str(threads))
+    busy0, ours0 = machine_busy_s(), our_cpu_s()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr or ""
+        tail = err.decode(errors="replace") if isinstance(err, bytes) else err
+        raise RuntimeError(
+            f"{label}: {' '.join(cmd)} timed out after {CHILD_TIMEOUT_S}s:\n{tail[-4000:]}"
+        ) from e
+    wall = time.perf_counter() - start
+    busy1, ours1 = machine_busy_s(), our_cpu_s()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{label}: {' '.join(cmd)} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
+    other = None
+    if busy0 is not None and busy1 is not None:
+        other = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    return Child(proc, wall, other)
 
 
 def measure(
@@ -155,36 +190,7 @@ def measure(
     spec_path = tmp / f"{name}.yaml"
     spec_data = run_spec(spec_data, out_dir, steps, device, config)
     spec_path.write_text(yaml.safe_dump(spec_data))
-    env = dict(bench_env(), OMP_NUM_THREADS=str(config.threads))
-    cmd = command(config.processes, spec_path)
-    busy0, ours0 = machine_busy_s(), our_cpu_s()
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr or ""
-        tail = err.decode(errors="replace") if isinstance(err, bytes) else err
-        raise RuntimeError(
-            f"{' '.join(cmd)} timed out after {CHILD_TIMEOUT_S}s:\n{tail[-4000:]}"
-        ) from e
-    wall = time.perf_counter() - start
-    busy1, ours1 = machine_busy_s(), our_cpu_s()
-    other = None
-    if busy0 is not None and busy1 is not None:
-        other = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{config.label}: {' '.join(cmd)} failed (exit {proc.returncode}):\n"
-            f"{proc.stderr[-4000:]}"
-        )
+    child = run_child(command(config.processes, spec_path), tmp, config.threads, config.label)
     records = [
         r for r in read_metrics(out_dir / "metrics.jsonl") if "tokens_per_s" in r and "step" in r
     ]
@@ -202,8 +208,8 @@ def measure(
         step_s=statistics.median(r["step_s"] for r in timed),
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in timed),
         threads_seen=threads_seen,
-        wall_s=wall,
-        other_cores=other,
+        wall_s=child.wall_s,
+        other_cores=child.other_cores,
         model_mib=trained_mib(out_dir),
         peak_rss_mib=max(r.get("peak_mem_mb", r.get("peak_rss_mb", 0.0)) for r in timed),
     )

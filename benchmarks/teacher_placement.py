@@ -49,9 +49,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,12 +62,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.ddp import cores, machine_busy_s, our_cpu_s
+from benchmarks.ddp import cores, run_child, torchrun
 from benchmarks.harness import (
     RESULTS,
     ROOT,
     arguments,
-    bench_env,
     read_peak_mb,
     reset_peak,
     table,
@@ -80,7 +77,6 @@ from benchmarks.memory_plan import tensor_peak_mb
 from benchmarks.setups import SETUPS
 
 WARMUP = 2
-CHILD_TIMEOUT_S = 900
 CONFIGS = ("replicate", "fsdp", "placed")
 ALIGN = 64
 """Each tensor starts at a multiple of this many bytes of a send buffer: the receiver views it in
@@ -96,51 +92,6 @@ Layout = list[tuple[str, str, list[int], int, int]]
 def owned_teachers(spec: Any, rank: int, world: int) -> list[str]:
     """Ids of the teachers rank `rank` holds under placement: teacher i on rank i % world."""
     return [ref.id for i, ref in enumerate(spec.teachers) if i % world == rank]
-
-
-def placed_parts(spec: Any, rt: Any, owned: list[str]) -> Any:
-    """kvd.run.assemble's parts with only the teachers in `owned` loaded: the same student,
-    data, per-teacher layer plans and curriculum (of every teacher id), and this rank's batches.
-    Layer plans and targets are per teacher, so the narrowed TeacherSide gives each of its
-    teachers exactly the targets the full one gives."""
-    from kvd.data import build_data
-    from kvd.data.batches import StudentBatches
-    from kvd.run.assemble import RunParts
-    from kvd.sources.build import check_lengths, load_model
-    from kvd.step.curriculum import build_curriculum
-    from kvd.step.teacher_side import TeacherSide, teacher_geometries
-
-    torch.manual_seed(spec.seed)
-    student = load_model(spec.student, rt.device, "student", spec.seed)
-    geometries = teacher_geometries(spec)
-    check_lengths(spec, {"student": student.geometry} | geometries)
-    data = build_data(
-        spec.data,
-        student_tokenizer=student.tokenizer,
-        base_dir=ROOT,
-        add_bos=student.geometry.adds_bos,
-        min_tokens=spec.data.min_tokens,
-    )
-    mine = {tid: g for tid, g in geometries.items() if tid in owned}
-    teachers = TeacherSide(spec, student, data, rt, mine)
-    curriculum = build_curriculum(
-        spec,
-        teachers.n_layers,
-        student.geometry.head_dim,
-        len(data.tasks),
-        [t.id for t in spec.teachers],
-    )
-    batches = StudentBatches(
-        data.train,
-        student.tokenizer,
-        rt,
-        batch_size=spec.training.batch_size,
-        seq_len=spec.data.seq_len,
-        add_bos=student.geometry.adds_bos,
-        seed=spec.seed,
-        append_eos=spec.data.append_eos,
-    )
-    return RunParts(student, data, teachers, curriculum, batches)
 
 
 def share_batches(parts: Any, rt: Any) -> list[Any]:
@@ -324,7 +275,7 @@ def held_and_gathered(side: Any, world: int) -> tuple[int, int, int]:
 
 def build(config: str, setup: str, rt: Any) -> Any:
     """The run's parts for `config`: kvd.run.assemble's for replicate and fsdp (with
-    training.teacher_parallel set), placed_parts for placed."""
+    training.teacher_parallel set); for placed, with this rank's teachers only."""
     from kvd.run.assemble import assemble
     from kvd.spec.runspec import parse_spec
 
@@ -332,9 +283,8 @@ def build(config: str, setup: str, rt: Any) -> Any:
     parallel = "fsdp" if config == "fsdp" else "replicate"
     data["training"] = dict(data["training"], teacher_parallel=parallel, device="cpu")
     spec = parse_spec(data, base_dir=ROOT)
-    if config == "placed":
-        return placed_parts(spec, rt, owned_teachers(spec, rt.rank, rt.world))
-    return assemble(spec, rt, ROOT, use_cache=False)
+    owned = owned_teachers(spec, rt.rank, rt.world) if config == "placed" else None
+    return assemble(spec, rt, ROOT, use_cache=False, only=owned)
 
 
 def targets_file(folder: Path, config: str, rank: int, step: int) -> Path:
@@ -501,39 +451,10 @@ class Measured:
 
 def run_config(config: str, setup: str, steps: int, folder: Path, threads: int) -> Measured:
     """`config` as a 2-process torchrun job of this module's worker; its ranks' JSON."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        raise RuntimeError("torchrun not found next to the interpreter (it ships with torch)")
-    module = "benchmarks.teacher_placement"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", module, "worker"]
-    cmd += [config, setup, str(steps), str(folder)]
-    env = dict(bench_env(), OMP_NUM_THREADS=str(threads))
-    busy0, ours0 = machine_busy_s(), our_cpu_s()
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"{config}: timed out after {CHILD_TIMEOUT_S}s") from e
-    wall = time.perf_counter() - start
-    busy1, ours1 = machine_busy_s(), our_cpu_s()
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{config}: {' '.join(cmd)} failed (exit {proc.returncode}):\n"
-            f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
-        )
-    other = None
-    if busy0 is not None and busy1 is not None:
-        other = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / wall
+    args = ["benchmarks.teacher_placement", "worker", config, setup, str(steps), str(folder)]
+    child = run_child(torchrun(2, *args), ROOT, threads, config)
     ranks = [json.loads((folder / f"{config}-rank{r}.json").read_text()) for r in range(2)]
-    return Measured(config, ranks, other, wall)
+    return Measured(config, ranks, child.other_cores, child.wall_s)
 
 
 def placement_balance(replicate: Measured) -> str:

@@ -116,12 +116,18 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank_and_the_run_resume
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-1] == 100
 
 
-def torchrun_train(spec: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def torchrun_module(*module_args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS...` as 2 torchrun workers (1 thread each) from the repository root."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
     env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "kvd.cli", "train", str(spec)]
-    return subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=600)
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", *module_args]
+    root = Path(__file__).parent.parent
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+
+
+def torchrun_train(spec: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return torchrun_module("kvd.cli", "train", str(spec), *extra)
 
 
 def train_one_process(spec: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -218,18 +224,7 @@ def test_sharded_teachers_give_the_targets_of_whole_ones(tmp_path: Path) -> None
     assert not AutoConfig.for_model(**llama).tie_word_embeddings  # llama's default: untied
     qwen["tie_word_embeddings"] = True
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun, "torchrun ships with torch"
-    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tests.dist_targets"]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path / "spec.yaml"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parent.parent,
-    )
+    proc = torchrun_module("tests.dist_targets", str(tmp_path / "spec.yaml"), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -247,18 +242,7 @@ def test_sharded_untied_teacher_gathers_embeddings_and_head_one_at_a_time(tmp_pa
     for the whole forward) held both, twice (measured 17.0 vs 32.3 MiB, 8 MiB each). A tied
     pair stays in the root group (peak as before). Logits bit-identical to the whole model's
     (tests/dist_shard_peak.py)."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun, "torchrun ships with torch"
-    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "tests.dist_shard_peak"]
-    proc = subprocess.run(
-        [*cmd, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).parent.parent,
-    )
+    proc = torchrun_module("tests.dist_shard_peak", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -7,6 +7,7 @@ Training adds the learned parts on top (kvd.run.train); the teacher cache comman
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,18 @@ def compile_layers(model: Any) -> None:
 
 
 def assemble(
-    spec: RunSpec, runtime: Runtime, base_dir: Path, *, use_cache: bool = True
+    spec: RunSpec,
+    runtime: Runtime,
+    base_dir: Path,
+    *,
+    use_cache: bool = True,
+    only: Collection[str] | None = None,
 ) -> RunParts:
     """Build the parts; models and data are checked before anything is written, so bad input
     leaves nothing behind. use_cache: read the teachers' work from training.teacher_cache
-    when it matches (False: load the teachers, e.g. to build that cache)."""
+    when it matches (False: load the teachers, e.g. to build that cache). only: the ids of the
+    teachers this process loads (None: all; benchmarks/teacher_placement.py places each on one
+    rank); layer plans and targets are per teacher, so each gives the targets it gives in full."""
     torch.manual_seed(spec.seed)
     student = load_model(spec.student, runtime.device, "student", spec.seed)
     geometries = teacher_geometries(spec)
@@ -80,7 +88,8 @@ def assemble(
         add_bos=student.geometry.adds_bos,
         min_tokens=spec.data.min_tokens,
     )
-    teachers = TeacherSide(spec, student, data, runtime, geometries, use_cache=use_cache)
+    mine = {tid: g for tid, g in geometries.items() if only is None or tid in only}
+    teachers = TeacherSide(spec, student, data, runtime, mine, use_cache=use_cache)
     curriculum = build_curriculum(
         spec,
         teachers.n_layers,
