@@ -247,7 +247,7 @@ class DistillModel(nn.Module):
                     t = targets[tid]
                     t_logits = t.logit_rows() if term.module.reads_logit_rows else t.dense_logits()
                     if t_logits is not None:
-                        valid = targets[tid].logit_valid
+                        valid = t.logit_valid
                         found.append((tid, w, term.module.row_term(logits, t_logits, valid)))
                 if found and all(row is not None for *_, row in found):
                     found_rows += [(term, tid, w, row) for tid, w, row in found if row is not None]
