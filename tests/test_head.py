@@ -64,3 +64,30 @@ def test_head_rows_are_the_logits_rows_outside_autocast() -> None:
         got = [rows[a : a + 5] for a in range(0, 21, 5)]
     assert all(g.dtype == torch.float32 for g in got)
     torch.testing.assert_close(torch.cat(got), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_head_rows_run_the_head_on_blocks_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small increasing slices (a row-wise loss's chunks) are served from blocks of
+    BLOCK_ELEMENTS // V rows, one head call per block; a slice not inside the last block (behind
+    it, crossing its end, or longer than it) makes a new block from its first row. Every slice
+    holds the whole head's rows."""
+    from kvd.modeling import head as module
+
+    monkeypatch.setattr(module, "BLOCK_ELEMENTS", 50 * 8)  # blocks of 8 rows of V = 50
+    torch.manual_seed(0)
+    head = OutputHead(torch.randn(50, 16), torch.randn(50), None)
+    hidden = torch.randn(3, 7, 16)
+    whole = head(hidden).reshape(21, 50)
+    calls: list[int] = []
+    call = OutputHead.__call__
+    monkeypatch.setattr(
+        OutputHead, "__call__", lambda self, h: calls.append(len(h)) or call(self, h)
+    )
+    rows = HeadRows(hidden, head)
+    got = [rows[a : min(a + 3, 21)] for a in range(0, 21, 3)]
+    torch.testing.assert_close(torch.cat(got), whole, rtol=1e-6, atol=1e-6)
+    assert calls == [8, 8, 8, 3]  # blocks from rows 0, 6, 12, 18 (7 slices, 4 calls)
+    calls.clear()
+    torch.testing.assert_close(rows[2:4], whole[2:4])  # behind the last block
+    torch.testing.assert_close(rows[0:20], whole[0:20])  # longer than a block
+    assert calls == [8, 20]
