@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity
 
 from kvd.core.runtime import setup_runtime
 from kvd.core.types import TokenBatch
@@ -411,15 +412,39 @@ def peak_memory_worker(setup: str, mode: str, steps: int, device: str) -> dict[s
     elif mode == "hf":
         bare = Bare(trainer)
     dev = trainer.rt.device
-    batches = [bare.next_batches() for _ in range(steps)] if bare else []
-    gc.collect()
-    base = reset_peak(dev)
-    for i in range(steps):
+    batches = [bare.next_batches() for _ in range(steps + 1)] if bare else []
+
+    def step(i: int) -> None:
         if bare is not None:
             bare.step(batches[i])
         else:
             kvd_step(trainer)
-    return {"peak_mb": read_peak_mb(dev), "base_mb": base}
+
+    gc.collect()
+    base = reset_peak(dev)
+    for i in range(steps):
+        step(i)
+    peak = read_peak_mb(dev)
+    # CUDA's allocated bytes are tensors already; on the CPU one more step, profiled
+    tensors = peak - base if dev.type == "cuda" else tensor_peak_mb(lambda: step(steps))
+    return {"peak_mb": peak, "base_mb": base, "tensor_mb": tensors}
+
+
+def tensor_peak_mb(fn: Callable[[], Any]) -> float:
+    """The most memory fn()'s own allocations hold at once (MiB), from every allocation and
+    free the profiler records, in order: what a caching allocator would have to provide
+    (CUDA's max_memory_allocated), whatever the CPU allocator keeps. The profiler does not see
+    frees of memory allocated before fn began: a step that drops the last step's tensors
+    (gradients set to None) and makes new ones counts the new ones whole, on every side."""
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # the raw records: the public FunctionEvents fold each op's allocations into one number
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 @dataclass
@@ -428,6 +453,8 @@ class Peak:
 
     peak_mb: float
     base_mb: float
+    tensor_mb: float
+    """The most tensor memory one step allocated above what it began with (tensor_peak_mb)."""
 
     @property
     def steps_mb(self) -> float:

@@ -9,7 +9,8 @@ bare steps (teacher forwards + kvd's own CE-only student step), HF bare steps (t
 HF bare's student step on the same real tokens packed into one row without padding) alternate
 in blocks on the same batches in one process (benchmarks/harness.py). Memory: kvd and the
 efficient bare, each in a fresh process; the target is on the steps' own memory, the peak above
-the loaded models.
+the loaded models, read two ways: the resident set (the OS's view, allocator included) and the
+tensor peak of one step (the allocations themselves, as a GPU would count them).
 
 Under `KVD_ALLOCATOR=system` (glibc's malloc instead of kvd's mimalloc) the results go to their
 own section, so both allocators' ratios stand side by side.
@@ -59,6 +60,7 @@ def main() -> None:
         kvd = peak_memory(name, "kvd", mem_steps, args.device)
         bare = peak_memory(name, "efficient", mem_steps, args.device)
         memory = kvd.steps_mb / bare.steps_mb
+        tensors = kvd.tensor_mb / bare.tensor_mb
         rows.append(
             [
                 name,
@@ -79,6 +81,9 @@ def main() -> None:
                 bare.steps_mb,
                 kvd.steps_mb,
                 mark(memory, MEMORY_TARGET),
+                bare.tensor_mb,
+                kvd.tensor_mb,
+                mark(tensors, MEMORY_TARGET),
                 f"{o.load:.1f} / {o.cores}",
                 f"{o.cpu_per_wall:.2f}",
                 "yes" if o.reliable else "**no**",
@@ -88,7 +93,8 @@ def main() -> None:
             f"{name}: step {o.ratio:.3f} ({o.kvd_s:.3f}s / {o.bare_s:.3f}s efficient bare; "
             f"{o.kvd_s / o.hf.median:.3f} of the HF bare, {o.kvd_s / o.packed.median:.3f} of "
             f"the packed bare), steps' own memory {memory:.3f} "
-            f"({kvd.steps_mb:.0f} / {bare.steps_mb:.0f} MiB), load {o.load:.1f} on {o.cores} "
+            f"({kvd.steps_mb:.0f} / {bare.steps_mb:.0f} MiB), tensor peak {tensors:.3f} "
+            f"({kvd.tensor_mb:.0f} / {bare.tensor_mb:.0f} MiB), load {o.load:.1f} on {o.cores} "
             f"cores{'' if o.reliable else ': UNRELIABLE'}"
         )
     body = (
@@ -104,8 +110,13 @@ def main() -> None:
         "(benchmarks/harness.py). 'step ratio' is of medians; means and 90th percentiles beside "
         "it. Memory: kvd and the efficient bare, each in a fresh process, peak = resident set "
         "(CPU) or allocated bytes (CUDA) over the steps; "
-        "'steps' own' = the peak minus what was in use after loading. 'load / cores': the "
-        "1-minute load average at the end; CPU/wall: this process's CPU seconds per second; "
+        "'steps' own' = the peak minus what was in use after loading. 'tensor peak': the most "
+        "tensor memory one more step holds at once above what it began with, from the "
+        "profiler's record of every allocation and free (what a GPU's caching allocator would "
+        "have to provide; the resident set also counts what the CPU allocator keeps and "
+        "reuses, so the two can differ a lot; on CUDA both are allocated bytes). "
+        "'load / cores': the 1-minute load average at the end; CPU/wall: this process's CPU "
+        "seconds per second; "
         "reliable: load <= 1.25x cores.\n\n"
         + table(
             [
@@ -127,6 +138,9 @@ def main() -> None:
                 "bare steps' own MiB",
                 "kvd steps' own MiB",
                 "memory ratio (steps' own)",
+                "bare tensor peak MiB",
+                "kvd tensor peak MiB",
+                "memory ratio (tensor peak)",
                 "load / cores",
                 "CPU/wall",
                 "reliable",

@@ -48,7 +48,7 @@ def number(cell: str) -> float:
 @pytest.mark.parametrize(
     ("script", "key", "ratio_columns"),
     [
-        ("step_overhead", "step_overhead", [6, 7, 8, 10, 12, 17]),
+        ("step_overhead", "step_overhead", [6, 7, 8, 10, 12, 17, 19, 20]),
         ("teacher_cache", "teacher_cache", [3, 7]),
         ("flops", "flops", [5]),
         ("scaling", "scaling", [8]),
@@ -94,6 +94,30 @@ def test_step_overhead_under_glibc_has_its_own_section(tmp_path: Path) -> None:
     )
     assert "allocator: system" in body and rows(body)
     assert "mimalloc's" in results.read_text()  # the mimalloc section is kept beside it
+
+
+def test_tensor_peak_counts_what_is_held_at_once() -> None:
+    """The tensor peak is the most memory live together above the start, from the allocation
+    records in order: 4 MB freed before 8 MB is taken peaks at 8 MB (plus the tiny result),
+    4 MB kept while 8 MB is taken at 12 MB."""
+    import torch
+
+    from benchmarks.harness import tensor_peak_mb
+
+    def apart() -> None:
+        a = torch.ones(1_000_000)  # 4 MB
+        del a
+        b = torch.ones(2_000_000)  # 8 MB
+        del b
+
+    def together() -> torch.Tensor:
+        a = torch.ones(1_000_000)
+        b = torch.ones(2_000_000)
+        return a[:1] + b[:1]
+
+    mb = 1e6 / 2**20
+    assert 8 * mb <= tensor_peak_mb(apart) < 8.01 * mb
+    assert 12 * mb <= tensor_peak_mb(together) < 12.01 * mb
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
