@@ -454,7 +454,7 @@ class Peak:
     peak_mb: float
     base_mb: float
     tensor_mb: float
-    """The most tensor memory one step allocated above what it began with (tensor_peak_mb)."""
+    """The most memory one more step's own allocations held at once (tensor_peak_mb)."""
 
     @property
     def steps_mb(self) -> float:
