@@ -254,6 +254,28 @@ def test_sharded_untied_teacher_gathers_embeddings_and_head_one_at_a_time(tmp_pa
 
 
 @pytest.mark.slow
+def test_kvd_closes_the_process_group_it_opened_and_keeps_a_callers(tmp_path: Path) -> None:
+    """Under torchrun, a kvd command closes the gloo group it opened once every rank has
+    finished (a process that exits with its group open tears it down at interpreter exit, where
+    gloo's worker threads may still hold work: a CI run once aborted with `terminate called
+    without an active exception`); both trainings of `--baseline` share that group; a group
+    the caller opened stays open (tests/dist_teardown.py)."""
+    data = tiny_spec(tmp_path / "unused", losses=[{"name": "ce"}])
+    data["training"] |= {"max_steps": 2}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    for mode, left in (("own", False), ("callers", True)):
+        proc = torchrun_module(
+            "tests.dist_teardown", mode, str(tmp_path / "spec.yaml"), str(tmp_path)
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in (0, 1):
+            got = json.loads((tmp_path / f"{mode}-rank{rank}.json").read_text())
+            assert got == {"code": 0, "group_left": left}
+        assert (tmp_path / mode / "results.json").is_file()
+        assert (tmp_path / f"{mode}-ce-baseline" / "results.json").is_file()
+
+
+@pytest.mark.slow
 def test_fsdp_bf16_mixed_precision_and_cpu_offload_train_as_ddp_bf16(tmp_path: Path) -> None:
     """training.precision: bf16 under fsdp gathers the student's weights as bf16 and reduces
     gradients in fp32 (FSDP2's MixedPrecisionPolicy), with cpu_offload's policy on top (on a

@@ -104,8 +104,18 @@ def _click() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user-fixable errors are printed and turned into exit codes."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Run the CLI; user-fixable errors are printed and turned into exit codes. Under torchrun,
+    the process group a command opened is closed before returning."""
+    code = _run(list(sys.argv[1:] if argv is None else argv))
+    if "kvd.core.runtime" in sys.modules:  # else no command opened a process group
+        from kvd.core.runtime import close_process_group
+
+        close_process_group(clean=code == 0)
+    return code
+
+
+def _run(args: list[str]) -> int:
+    """The command's exit code."""
     quiet_transformers()
     if "--no-plugins" in args:
         os.environ[ALLOWLIST_ENV] = ""

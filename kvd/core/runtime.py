@@ -96,7 +96,25 @@ def setup_runtime(device: str) -> Runtime:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        _OPENED.add(dist.group.WORLD)
     return Runtime(dev, rank, world)
+
+
+_OPENED: set[Any] = set()  # the process group setup_runtime opened, if it did
+
+
+def close_process_group(clean: bool) -> None:
+    """Close the process group setup_runtime opened (a caller's own is left alone), before the
+    process exits: a gloo group left to interpreter exit can abort the process (SIGABRT,
+    `terminate called without an active exception`) while its worker threads still hold work.
+    `clean` (every rank ends its command): wait for all ranks first, so no peer's last messages
+    are in flight; else (an error on this rank) close this rank's side at once."""
+    if not dist.is_initialized() or dist.group.WORLD not in _OPENED:
+        return
+    if clean:
+        dist.barrier()
+    _OPENED.clear()
+    dist.destroy_process_group()
 
 
 # --- building the run ---------------------------------------------------------------------------
