@@ -87,6 +87,9 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
     return dev
 
 
+_OPENED: set[Any] = set()  # the process group setup_runtime opened, if it did
+
+
 def setup_runtime(device: str) -> Runtime:
     """Device and process group: under torchrun (WORLD_SIZE > 1) NCCL on GPU, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,9 +101,6 @@ def setup_runtime(device: str) -> Runtime:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         _OPENED.add(dist.group.WORLD)
     return Runtime(dev, rank, world)
-
-
-_OPENED: set[Any] = set()  # the process group setup_runtime opened, if it did
 
 
 def close_process_group(clean: bool) -> None:
