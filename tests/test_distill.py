@@ -9,6 +9,7 @@ import torch
 
 from kvd.align.base import LayerAligner, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.core.errors import PlanError
 from kvd.core.manager import registry
 from kvd.data.tokenize import tokenize
 from kvd.sources.calibrate import layer_calibration
@@ -16,7 +17,7 @@ from kvd.sources.tiny import TinySource
 from kvd.spec.models import LoadedModel
 from kvd.spec.runspec import ProjectorRef
 from kvd.step.curriculum import Curriculum, LossTerm, Stage
-from kvd.step.distill import DistillModel, build_distill_model
+from kvd.step.distill import DistillModel, build_distill_model, check_loss_layers
 from kvd.step.targets import TeacherRuntime, teacher_targets
 from tests.specs import LLAMA_TEACHER, QWEN_TEACHER, STUDENT
 
@@ -43,6 +44,7 @@ def build(
     losses: list[tuple[str, dict[str, Any]]] | None = None,
     rope: str = "unrotate",
     layers: str = "uniform",
+    direction: str = "teacher_to_student",
 ) -> tuple[DistillModel, dict[str, TeacherRuntime], RopeAligner]:
     options = {"pairs": [[0, 0], [1, 1]]} if layers == "explicit" else {}
     layer_cls, layer_cfg = component("aligners", layers, **options)
@@ -77,7 +79,7 @@ def build(
         list(runtimes.values()),
         {tid: t.geometry.kv_shape for tid, t in teachers.items()},
         Curriculum([Stage(0, list(teachers), fused, terms)]),
-        ProjectorRef.model_validate({"name": projector}),
+        ProjectorRef.model_validate({"name": projector, "direction": direction}),
         rope_aligner,
     )
     return model, runtimes, rope_aligner
@@ -278,3 +280,44 @@ def test_a_kv_loss_reads_only_the_teachers_it_names(combine: str) -> None:
     assert "loss/kv_mse/llama/L0" in named and not any("/qwen/" in k for k in named)
     everyone = build(student, teachers, fusion_options={"combine": combine})
     assert step(everyone[0], student, runtimes, rope).numbers()["loss/kv_mse/qwen/L0"] > 0
+
+
+@pytest.mark.parametrize("direction", ["teacher_to_student", "student_to_teacher"])
+def test_kv_terms_with_their_own_layers_give_each_layer_one_teacher(direction: str) -> None:
+    """Two K/V terms with their own `teachers` and `layers`: each term is its teacher's loss
+    at its layers only (the same layer's value without `layers`), and logs no other layer."""
+    student = tiny(STUDENT, seed=3)
+    teachers = {"llama": tiny(LLAMA_TEACHER, seed=1), "qwen": tiny(QWEN_TEACHER, seed=2)}
+    torch.manual_seed(0)
+    model, runtimes, rope = build(student, teachers, direction=direction)
+    kv = model.loss_terms[0].module
+
+    def run(layers_a: list[int] | None, layers_b: list[int] | None) -> dict[str, float]:
+        model.curriculum.stages[0].losses = [
+            LossTerm("kv_a", kv, 1.0, ["llama"], layers_a),
+            LossTerm("kv_b", kv, 1.0, ["qwen"], layers_b),
+        ]
+        numbers: dict[str, float] = step(model, student, runtimes, rope).numbers()
+        return numbers
+
+    every = run(None, None)
+    split = run([0], [1])
+    if direction == "teacher_to_student":  # the fused value per layer
+        layer_a, layer_b = "loss/kv_a/L0", "loss/kv_b/L1"
+    else:  # per teacher and layer
+        layer_a, layer_b = "loss/kv_a/llama/L0", "loss/kv_b/qwen/L1"
+    assert split["loss/kv_a"] == pytest.approx(every[layer_a], rel=1e-6)
+    assert split["loss/kv_b"] == pytest.approx(every[layer_b], rel=1e-6)
+    assert split["loss/kv_a"] != pytest.approx(every["loss/kv_a"], rel=1e-3)
+    assert not any(k.endswith("L1") for k in split if k.startswith("loss/kv_a/"))
+    assert not any(k.endswith("L0") for k in split if k.startswith("loss/kv_b/"))
+
+
+def test_kv_term_layers_must_be_distilled_and_taught() -> None:
+    cls, cfg = component("losses", "kv_mse")
+    kv = cls(cfg)
+    with pytest.raises(PlanError, match=r"layers \[5\] are not distilled student layers"):
+        check_loss_layers([LossTerm("kv", kv, 1.0, ["llama"], [5])], [0, 1], {"llama": [0, 1]})
+    with pytest.raises(PlanError, match=r"teacher\(s\) \['llama'\] teach none of its layers"):
+        check_loss_layers([LossTerm("kv", kv, 1.0, ["llama"], [1])], [0, 1], {"llama": [0]})
+    check_loss_layers([LossTerm("kv", kv, 1.0, ["llama"], [0])], [0, 1], {"llama": [0]})

@@ -69,6 +69,17 @@ def test_loss_teacher_filter_must_name_teachers(tmp_path: Path) -> None:
     assert "no teacher with id 'gpt'" in problems(data)["losses.0.teachers"]
 
 
+def test_loss_layers_only_on_kv_losses_and_listed_once(tmp_path: Path) -> None:
+    data = tiny_spec(tmp_path / "run", losses=[{"name": "logit_kd", "layers": [0]}])
+    assert "only K/V losses take `layers`" in problems(data)["losses.0.layers"]
+    data = tiny_spec(tmp_path / "run", losses=[{"name": "kv_mse", "layers": [1, 1]}])
+    assert "listed twice" in problems(data)["losses.0.layers"]
+    data = tiny_spec(tmp_path / "run", losses=[{"name": "kv_mse", "layers": []}])
+    assert "losses.0.layers" in problems(data)
+    spec = parse_spec(tiny_spec(tmp_path / "run", losses=[{"name": "kv_mse", "layers": [1]}]))
+    assert spec.losses[0].layers == [1]
+
+
 def test_cpu_offload_needs_fsdp(tmp_path: Path) -> None:
     data = tiny_spec(tmp_path / "run")
     data["training"]["cpu_offload"] = True

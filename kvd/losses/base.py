@@ -20,6 +20,9 @@ LossInputs = Literal["kv", "kv_raw", "logits", "ce"]
 - "ce": (student_logits [B,T,V], input_ids [B,T], mask [B,T]).
 """
 
+KV_INPUTS: tuple[LossInputs, ...] = ("kv", "kv_raw")
+"""The inputs of the losses that compare K/V, layer by layer."""
+
 
 def keep(x: Tensor, mask: Tensor) -> Tensor:
     """`x` with 0 wherever `mask` (bool, broadcastable to `x`) is False, so whatever sits at

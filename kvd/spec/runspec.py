@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -29,7 +30,7 @@ from kvd.core.errors import KvdError, Problem, SpecError
 from kvd.core.manager import component, registry
 from kvd.core.names import checked_name
 from kvd.fusion.base import Fusion
-from kvd.losses.base import Loss
+from kvd.losses.base import KV_INPUTS, Loss
 from kvd.project.base import Projector
 from kvd.spec.models import ModelSource
 
@@ -128,6 +129,20 @@ class LossRef(NamedRef):
     teachers: list[str] | None = Field(
         None, description="Teacher ids this loss applies to (default: every teacher it fits)."
     )
+    layers: list[NonNegativeInt] | None = Field(
+        None,
+        min_length=1,
+        description="Student layers a K/V loss compares (default: every distilled layer, "
+        "alignment.layers.student_layers); the term is the mean over them. Two K/V terms with "
+        "their own teachers and layers give each layer one teacher.",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"layers listed twice in {value}")
+        return value
 
     @property
     def component(self) -> type[Loss]:
@@ -718,6 +733,19 @@ def resolve_components(spec: RunSpec) -> list[Problem]:
         for t in getattr(ref, "teachers", None) or []:
             if isinstance(ref, LossRef) and t not in ids:
                 problems.append(Problem(f"{loc}.teachers", f"no teacher with id {t!r}"))
+        if (
+            isinstance(ref, LossRef)
+            and ref.layers is not None
+            and ref.component_name in registry("losses")
+            and ref.component.inputs not in KV_INPUTS
+        ):
+            problems.append(
+                Problem(
+                    f"{loc}.layers",
+                    f"{ref.name!r} does not compare K/V layer by layer; only K/V losses take "
+                    "`layers` (remove it)",
+                )
+            )
     for s, curriculum in enumerate(spec.training.stages):
         for t in curriculum.teachers or []:
             if t not in ids:

@@ -14,13 +14,13 @@ from typing import Any
 from torch import nn
 
 from kvd.fusion.base import Fusion
-from kvd.losses.base import Loss
+from kvd.losses.base import KV_INPUTS, Loss
 from kvd.spec.runspec import FusionRef, LossRef, RunSpec
 
 
 def reads_kv(loss: type[Loss] | Loss) -> bool:
     """Whether the loss compares K/V (projected, "kv", or each side in its own geometry)."""
-    return loss.inputs in ("kv", "kv_raw")
+    return loss.inputs in KV_INPUTS
 
 
 def reads_projected_kv(loss: type[Loss] | Loss) -> bool:
@@ -50,12 +50,18 @@ def reads_teachers(loss: type[Loss] | Loss) -> bool:
 
 @dataclass
 class LossTerm:
-    """One configured loss: its module, weight in the total, and the teachers it applies to."""
+    """One configured loss: its module, weight in the total, the teachers it applies to and,
+    for a K/V loss, the student layers it compares (None: every distilled layer)."""
 
     name: str
     module: Loss
     weight: float
     teachers: list[str]
+    layers: list[int] | None = None
+
+    def reads_layer(self, layer: int) -> bool:
+        """Whether this term compares K/V at student layer `layer`."""
+        return self.layers is None or layer in self.layers
 
 
 @dataclass
@@ -113,6 +119,7 @@ def loss_terms(refs: list[LossRef], teacher_ids: list[str]) -> list[LossTerm]:
             ref.component(ref.config),
             ref.weight,
             ref.teachers or teacher_ids,
+            ref.layers,
         )
         for i, ref in enumerate(refs)
     ]

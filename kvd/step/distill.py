@@ -93,6 +93,33 @@ def kv_parts(
     return 0.5 * (fn(*keys, mask) + fn(*values, mask))
 
 
+def check_loss_layers(
+    terms: list[LossTerm], distilled: list[int], teacher_layers: dict[str, list[int]]
+) -> None:
+    """Every K/V term's `layers` are distilled student layers, and each of its teachers teaches
+    at least one of them (PlanError otherwise)."""
+    for term in terms:
+        outside = sorted(set(term.layers or []) - set(distilled))
+        if outside:
+            raise PlanError(
+                f"loss {term.name}: layers {outside} are not distilled student layers "
+                f"(these are {distilled})",
+                hint="list layers from alignment.layers.student_layers in the loss's `layers`",
+            )
+        idle = [
+            tid
+            for tid in term.teachers
+            if term.layers
+            and tid in teacher_layers
+            and not set(term.layers) & set(teacher_layers[tid])
+        ]
+        if idle:
+            raise PlanError(
+                f"loss {term.name}: teacher(s) {idle} teach none of its layers {term.layers}",
+                hint="give the loss `teachers` that map those layers, or other `layers`",
+            )
+
+
 class DistillModel(nn.Module):
     """Student + projectors + fusion + losses.
 
@@ -143,6 +170,7 @@ class DistillModel(nn.Module):
         self.projectors = nn.ModuleDict(projectors)
         self.student_shape = student_shape
         for stage in curriculum.stages:
+            check_loss_layers(stage.losses, self.layers, teacher_layers)
             if direction == "student_to_teacher" and stage.fusion.routes_on_features:
                 raise PlanError(
                     "projector.direction student_to_teacher compares in each teacher's own "
@@ -291,7 +319,7 @@ class DistillModel(nn.Module):
                 assert logits is not None
                 value = term.module(logits, t_logits, t.logit_valid)
             elif reads_raw_kv(term.module):
-                value = self._raw(term.module, s_keys, s_values, t)
+                value = self._raw(term, s_keys, s_values, t)
             else:
                 value = self._s2t(term, tid, t, s_keys, s_values, out)
             out.parts[f"loss/{term.name}/{tid}"] = value.detach()
@@ -303,11 +331,15 @@ class DistillModel(nn.Module):
         return {t: self.teacher_weights[t] / total for t in teachers} if total > 0 else {}
 
     def _raw(
-        self, loss: Loss, s_keys: dict[int, Tensor], s_values: dict[int, Tensor], t: TeacherTargets
+        self,
+        term: LossTerm,
+        s_keys: dict[int, Tensor],
+        s_values: dict[int, Tensor],
+        t: TeacherTargets,
     ) -> Tensor:
-        layers = [j for j in t.keys if j in s_keys]
+        layers = [j for j in t.keys if j in s_keys and term.reads_layer(j)]
         values = [
-            loss(s_keys[j], s_values[j], t.keys[j].float(), t.values[j].float(), t.mask)
+            term.module(s_keys[j], s_values[j], t.keys[j].float(), t.values[j].float(), t.mask)
             for j in layers
         ]
         return torch.stack(values).mean()
@@ -322,7 +354,7 @@ class DistillModel(nn.Module):
         out: StepOutput,
     ) -> Tensor:
         values = []
-        for j in t.keys:
+        for j in filter(term.reads_layer, t.keys):
             pk, pv = self.projectors[projector_key(tid, j)](s_keys[j], s_values[j])
             value = kv_parts(
                 term.module, (pk, t.keys[j].float()), (pv, t.values[j].float()), t.mask
@@ -345,6 +377,8 @@ class DistillModel(nn.Module):
         values = []
         targets = {tid: t for tid, t in targets.items() if tid in term.teachers}
         for index, j in enumerate(self.layers):
+            if not term.reads_layer(j):
+                continue
             sk, sv = s_keys[j], s_values[j]
             with phase("project"):
                 tk, tv, tmask = self._projected_targets(j, sk, targets)
