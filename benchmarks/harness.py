@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity
 
+from kvd.core.memory import read_peak_mb, reset_peak
 from kvd.core.runtime import setup_runtime
 from kvd.core.types import TokenBatch
 from kvd.data.packing import BatchStream
@@ -368,31 +369,6 @@ def step_overhead(
 
 
 # -- peak memory in a fresh process --------------------------------------------------------------
-
-
-def reset_peak(device: torch.device) -> float:
-    """Forget the peak so far (after loading), so the next read is the steps' peak; returns
-    the memory in use now (MiB): CUDA allocated bytes, or the process's resident set on CPU."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to VmRSS
-        f.write("5")
-    return _proc_status_mb("VmRSS")
-
-
-def read_peak_mb(device: torch.device) -> float:
-    """Peak since `reset_peak`: CUDA allocated bytes, or the process's resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _proc_status_mb("VmHWM")
-
-
-def _proc_status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 MODES = ("kvd", "efficient", "hf")

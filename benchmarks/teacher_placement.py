@@ -67,14 +67,13 @@ from benchmarks.harness import (
     RESULTS,
     ROOT,
     arguments,
-    read_peak_mb,
-    reset_peak,
     table,
     with_kvd_allocator,
     write_section,
 )
 from benchmarks.memory_plan import tensor_peak_mb
 from benchmarks.setups import SETUPS
+from kvd.core.memory import read_peak_mb, reset_peak
 
 WARMUP = 2
 CONFIGS = ("replicate", "fsdp", "placed")

@@ -4,10 +4,8 @@ tokens/s and peak memory of the scoring pass, and per-text values for paired tes
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 
 from kvd.core.errors import KvdError
 from kvd.core.files import json_text, write_atomic
+from kvd.core.memory import read_peak_mb, reset_peak
 from kvd.core.names import name_problem
 from kvd.data.split import content_hash
 from kvd.data.tokenize import tokenize
@@ -91,22 +90,6 @@ def sequence_bytes(
     return [int(span_bytes(t, batch.offsets[b, 1:])[valid[b]].sum()) for b, t in enumerate(texts)]
 
 
-def reset_peak_memory() -> None:
-    """Start a new peak-memory measurement: CUDA's peak statistics, and on Linux the process's
-    peak resident set size (which getrusage reports)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with contextlib.suppress(OSError):  # not Linux: the peak covers the whole process
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on `device`, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def evaluate_subject(
     subject: Subject,
     data: EvalTexts,
@@ -122,7 +105,7 @@ def evaluate_subject(
     longest = max(len(t.encode("utf-8")) for t in data.texts) + 1  # >= tokens of any text
     max_length = min(longest, limit) if limit else longest
     pair_length = min(2 * longest, limit) if limit else 2 * longest  # context + any choice
-    reset_peak_memory()
+    reset_peak(device)
     started = time.perf_counter()
     lm = evaluate_lm(
         model,
@@ -163,7 +146,7 @@ def evaluate_subject(
             "tokens": lm.tokens,
             "bytes": lm.bytes,
             "tokens_per_s": lm.tokens / max(seconds, 1e-9),
-            "peak_mem_mb": peak_memory_mb(device),
+            "peak_mem_mb": read_peak_mb(device),
             "seconds": seconds,
         },
         "cloze": {"choices": cloze_choices, "seed": seed, "correct": correct},

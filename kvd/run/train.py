@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from kvd.core.errors import KvdError
 from kvd.core.files import atomic_path, json_text, write_atomic
+from kvd.core.memory import read_peak_mb
 from kvd.core.phases import phase
 from kvd.core.progress import Progress
 from kvd.core.runtime import Preempted, PreemptionFlag, Runtime, oom_guard, setup_runtime
@@ -217,12 +218,8 @@ class Trainer:
             "step_s": elapsed,
             "skipped": not finite,
         }
-        if self.rt.device.type == "cuda":
-            fixed["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.rt.device) / 2**20
-        else:
-            import resource
-
-            fixed["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = "peak_mem_mb" if self.rt.device.type == "cuda" else "peak_rss_mb"
+        fixed[peak] = read_peak_mb(self.rt.device)
         pending = {"grad_norm": grad_norm, **parts, **self._routing_record(routing, tasks)}
         return StepLog(fixed, pending)
 
