@@ -69,6 +69,16 @@ def test_loss_teacher_filter_must_name_teachers(tmp_path: Path) -> None:
     assert "no teacher with id 'gpt'" in problems(data)["losses.0.teachers"]
 
 
+def test_student_layers_listed_once_and_at_least_one(tmp_path: Path) -> None:
+    for layers, message in (([1, 1], "layers listed twice in [1, 1]"), ([], "at least one")):
+        data = tiny_spec(
+            tmp_path / "run", alignment={"layers": {"name": "uniform", "student_layers": layers}}
+        )
+        found = problems(data)
+        assert list(found) == ["alignment.layers.student_layers"]  # one place, named plainly
+        assert message in found["alignment.layers.student_layers"]
+
+
 def test_loss_layers_only_on_kv_losses_and_listed_once(tmp_path: Path) -> None:
     data = tiny_spec(tmp_path / "run", losses=[{"name": "logit_kd", "layers": [0]}])
     assert "only K/V losses take `layers`" in problems(data)["losses.0.layers"]

@@ -17,6 +17,13 @@ from kvd.core.component import ComponentConfig
 from kvd.core.types import TokenAlignment, TokenBatch
 
 
+def distinct_layers(layers: list[int]) -> list[int]:
+    """`layers` (a config's list of layer indices) unless one is listed twice (ValueError)."""
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers listed twice in {layers}")
+    return layers
+
+
 class Aligner:
     """A parameter-free aligner of one stage, built from its `Config`."""
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, field_validator
 
-from kvd.align.base import LayerAligner, LayerCalibration, LayerPlan
+from kvd.align.base import LayerAligner, LayerCalibration, LayerPlan, distinct_layers
 from kvd.align.cka import cka_matrix, monotone_assignment
 from kvd.core.component import ComponentConfig
 from kvd.core.errors import PlanError
@@ -30,8 +30,7 @@ class LayerConfig(ComponentConfig):
         if isinstance(value, list):
             if not value:
                 raise ValueError("list at least one student layer")
-            if len(set(value)) != len(value):
-                raise ValueError(f"student layers listed twice in {value}")
+            distinct_layers(value)
         return value
 
 

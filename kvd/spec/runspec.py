@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from kvd.align.base import Aligner
+from kvd.align.base import Aligner, distinct_layers
 from kvd.core.component import ComponentConfig, config_class
 from kvd.core.errors import KvdError, Problem, SpecError
 from kvd.core.manager import component, registry
@@ -140,9 +140,7 @@ class LossRef(NamedRef):
     @field_validator("layers")
     @classmethod
     def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and len(set(value)) != len(value):
-            raise ValueError(f"layers listed twice in {value}")
-        return value
+        return value if value is None else distinct_layers(value)
 
     @property
     def component(self) -> type[Loss]:

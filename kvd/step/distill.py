@@ -99,7 +99,9 @@ def check_loss_layers(
     """Every K/V term's `layers` are distilled student layers, and each of its teachers teaches
     at least one of them (PlanError otherwise)."""
     for term in terms:
-        outside = sorted(set(term.layers or []) - set(distilled))
+        if term.layers is None:
+            continue
+        outside = sorted(set(term.layers) - set(distilled))
         if outside:
             raise PlanError(
                 f"loss {term.name}: layers {outside} are not distilled student layers "
@@ -109,9 +111,7 @@ def check_loss_layers(
         idle = [
             tid
             for tid in term.teachers
-            if term.layers
-            and tid in teacher_layers
-            and not set(term.layers) & set(teacher_layers[tid])
+            if tid in teacher_layers and not set(term.layers) & set(teacher_layers[tid])
         ]
         if idle:
             raise PlanError(
