@@ -144,6 +144,36 @@ def test_spec_mode_explicit_pairs_out_of_range_are_unsound(
     assert code == 1 and "out of range" in out
 
 
+def test_spec_mode_shows_where_each_teachers_kv_is_compared(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    teachers = [
+        {"id": "qwen", "source": "preset", "preset": "Qwen2-7B"},
+        {"id": "llama", "source": "preset", "preset": "TinyLlama-1.1B"},
+        {"id": "logits", "source": "preset", "preset": "TinyLlama-1.1B"},
+    ]
+    losses = [
+        {"name": "ce"},
+        {"name": "logit_kd", "teachers": ["logits"]},
+        {"name": "kv_mse", "teachers": ["qwen"], "layers": [0, 1]},
+        {"name": "kv_mse", "teachers": ["qwen"], "layers": [5]},
+        {"name": "kv_mse", "teachers": ["llama"]},
+    ]
+    spec = write_spec(tmp_path / "run.yaml", teachers=teachers, losses=losses)
+    code, out = run(capsys, str(spec), "--json")
+    assert code == 0
+    compared = {p["teacher"]: p["kv_compared"] for p in json.loads(out)["pairs"]}
+    assert compared == {
+        "qwen": "s0, s1, s5 (the K/V losses' `layers`)",  # two terms, merged
+        "llama": "every distilled layer",
+        "logits": "none: no K/V loss reads this teacher",
+    }
+    # a layer the layer map does not distil is found before any weight is loaded
+    bad = [*losses[:3], {"name": "kv_mse", "teachers": ["qwen"], "layers": [22]}]
+    code, out = run(capsys, str(write_spec(tmp_path / "bad.yaml", teachers=teachers, losses=bad)))
+    assert code == 1 and "student layers [22]" in out and "qwen:" in out
+
+
 def test_keeping_rotated_keys_across_tokenizers_is_unsound(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

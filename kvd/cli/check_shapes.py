@@ -256,6 +256,7 @@ def _pair_table(pair: PairPlan) -> Table:
     for label, value in (
         ("KV layout", pair.layout),
         ("layer map", pair.layer_map_text),
+        *((("K/V compared at", pair.kv_compared),) if pair.kv_compared else ()),
         ("KV heads", pair.heads),
         ("head_dim", pair.head_dim),
         ("projector", pair.projector),

@@ -22,7 +22,7 @@ from kvd.project.base import Projector
 from kvd.spec.geometry import ModelGeometry
 from kvd.spec.models import ModelSource
 from kvd.spec.runspec import ModelRef, RunSpec
-from kvd.step.curriculum import student_vocab_teachers
+from kvd.step.curriculum import kv_layers_by_teacher, student_vocab_teachers
 
 BF16 = 2
 """Bytes per value in reports (KV kept in bf16)."""
@@ -48,6 +48,9 @@ class Choices:
     vocab_aligner: str = "own"
     student_vocab_readers: tuple[str, ...] = ()
     """Teachers whose logits a loss compares with the student's token by token."""
+    kv_layers: dict[str, list[int] | None] | None = None
+    """Per teacher a K/V loss reads, the student layers compared (None: every distilled
+    layer; `kvd.step.curriculum.kv_layers_by_teacher`); None when not planned from a spec."""
 
     @classmethod
     def from_spec(cls, spec: Any) -> Choices:
@@ -63,6 +66,7 @@ class Choices:
             seq_len=spec.data.seq_len,
             vocab_aligner=spec.alignment.vocab.name,
             student_vocab_readers=tuple(student_vocab_teachers(spec)),
+            kv_layers=kv_layers_by_teacher(spec),
         )
 
     @classmethod
@@ -114,6 +118,8 @@ class PairPlan:
     rope: str
     tokens: str
     cache_bytes_per_token: int
+    kv_compared: str = ""
+    """Where its K/V meets a loss (empty when not planned from a spec)."""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -263,6 +269,7 @@ def _pair(
             f"{s.vocab_size} token by token: set alignment.vocab: {{name: first_token}} to map "
             "its logits onto the student's vocabulary, or use the loss 'uld'"
         )
+    kv_compared = _kv_compared(teacher.id, layer_map, choices.kv_layers, problems)
     window = t.sliding_window
     if choices.seq_len is not None and window and choices.seq_len >= window:
         notes.append(
@@ -282,6 +289,7 @@ def _pair(
         rope=rope,
         tokens=_tokens_text(t, s, choices.token_aligner, same_tokens),
         cache_bytes_per_token=distilled * 2 * t.num_kv_heads * t.head_dim * BF16,
+        kv_compared=kv_compared,
         problems=problems,
         notes=notes + _token_notes(t, s, same_tokens),
     )
@@ -315,6 +323,34 @@ def _layer_map(
     if not distilled:
         problems.append(f"layer map {choices.layer_aligner!r} distils no student layer")
     return layer_map, distilled, layer_plan.describe()
+
+
+def _kv_compared(
+    teacher: str,
+    layer_map: list[list[tuple[int, float]]] | None,
+    kv_layers: dict[str, list[int] | None] | None,
+    problems: list[str],
+) -> str:
+    """Which student layers the K/V losses compare with this teacher's K/V; listed layers the
+    layer map does not distil from it are problems (as at train start)."""
+    if kv_layers is None:
+        return ""
+    if teacher not in kv_layers:
+        return "none: no K/V loss reads this teacher"
+    listed = kv_layers[teacher]
+    if listed is None:
+        return "every distilled layer"
+    text = ", ".join(f"s{j}" for j in listed) + " (the K/V losses' `layers`)"
+    if layer_map is not None:
+        taught = {j for j, pairs in enumerate(layer_map) if pairs}
+        outside = [j for j in listed if j not in taught]
+        if outside:
+            problems.append(
+                f"a K/V loss compares student layers {outside} with this teacher's K/V, but the "
+                "layer map distils none of them from it: change the loss's `layers` or "
+                "alignment.layers"
+            )
+    return text
 
 
 def _selected_layers(config: ComponentConfig | None, n_student: int) -> int:

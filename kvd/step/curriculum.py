@@ -167,6 +167,22 @@ def uses_teachers(spec: RunSpec) -> bool:
     return any(reads_teachers(ref.component) for ref in spec_losses(spec))
 
 
+def kv_layers_by_teacher(spec: RunSpec) -> dict[str, list[int] | None]:
+    """Per teacher some K/V loss of some stage reads: the student layers those losses compare
+    (sorted; None when one of them compares every distilled layer). Teachers no K/V loss reads
+    are left out."""
+    ids = [t.id for t in spec.teachers]
+    out: dict[str, list[int] | None] = {}
+    for ref in spec_losses(spec):
+        if not reads_kv(ref.component):
+            continue
+        for tid in ref.teachers or ids:
+            known = out.get(tid, [])
+            merged = None if known is None or ref.layers is None else {*known, *ref.layers}
+            out[tid] = None if merged is None else sorted(merged)
+    return out
+
+
 def student_vocab_teachers(spec: RunSpec) -> list[str]:
     """Sorted ids of the teachers some loss compares with the student token by token
     (Loss.needs_student_vocab)."""
