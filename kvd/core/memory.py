@@ -20,7 +20,7 @@ _STATUS = Path("/proc/self/status")
 
 def reset_peak(device: torch.device) -> float:
     """Start a new peak measurement (CUDA's peak statistics, or on Linux the resident set's
-    high-water mark) and return the memory in use now (MiB)."""
+    high-water mark) and return the memory in use now (MiB; without /proc, the peak so far)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20

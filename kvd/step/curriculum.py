@@ -178,8 +178,10 @@ def kv_layers_by_teacher(spec: RunSpec) -> dict[str, list[int] | None]:
             continue
         for tid in ref.teachers or ids:
             known = out.get(tid, [])
-            merged = None if known is None or ref.layers is None else {*known, *ref.layers}
-            out[tid] = None if merged is None else sorted(merged)
+            if known is None or ref.layers is None:
+                out[tid] = None
+            else:
+                out[tid] = sorted({*known, *ref.layers})
     return out
 
 
