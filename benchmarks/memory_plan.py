@@ -160,10 +160,10 @@ def main() -> None:
             ("tiny3", 2, "ddp"),
             ("tiny3", 2, "fsdp"),
             ("tiny3", 2, "fsdp+teachers"),
-            ("quickstart", 1, "ddp"),
-            ("quickstart", 2, "ddp"),
-            ("quickstart", 2, "fsdp"),
-            ("quickstart", 2, "fsdp+teachers"),
+            ("smollm2_gemma3", 1, "ddp"),
+            ("smollm2_gemma3", 2, "ddp"),
+            ("smollm2_gemma3", 2, "fsdp"),
+            ("smollm2_gemma3", 2, "fsdp+teachers"),
             ("three_real", 1, "ddp"),
         ]
     )

@@ -42,7 +42,7 @@ from benchmarks.harness import (
     with_kvd_allocator,
     write_section,
 )
-from benchmarks.setups import SMOLLM2, quickstart, teacher
+from benchmarks.setups import SMOLLM2, smollm2_gemma3, teacher
 
 WARMUP = 2
 
@@ -50,12 +50,12 @@ WARMUP = 2
 def setups(smoke: bool) -> dict[str, dict[str, Any]]:
     """The kvd specs of the two kvd sides (CE + logit KD, and with KV MSE), one teacher."""
     if smoke:
-        base = quickstart()
+        base = smollm2_gemma3()
         base["teachers"] = [teacher(1, scale=0.25)]  # qwen2 with SmolLM2's tokenizer
         base["student"]["config"] |= {"hidden_size": 64, "intermediate_size": 192}
         base["data"]["seq_len"], base["training"]["batch_size"] = 32, 2
     else:
-        base = quickstart()
+        base = smollm2_gemma3()
         base["teachers"] = [t for t in base["teachers"] if t["id"] == "smollm2"]
     tid = base["teachers"][0]["id"]
     base["student"]["tokenizer_from"] = SMOLLM2

@@ -2,7 +2,7 @@
 
     python -m benchmarks.phases [--smoke] [--repeats N] [--device cuda] [--setups a,b]
 
-For each setup (default: the quickstart's two real teachers and tiny3's three random ones) it
+For each setup (default: smollm2_gemma3, two real teachers, and tiny3's three random ones) it
 runs one warm-up step, times `--repeats` steps without the profiler, then profiles as many and
 prints, per phase, milliseconds per step (host wall time inside the range; on CUDA also the
 device time of its kernels), the share of the profiled step, and the torch operators the phase
@@ -119,7 +119,7 @@ def breakdown(setup: str, device: str, steps: int) -> dict[str, Any]:
 def main() -> None:
     with_kvd_allocator("benchmarks.phases")
     args = arguments(__doc__ or "", repeats=4)
-    names = args.setups or (["smoke"] if args.smoke else ["quickstart", "tiny3"])
+    names = args.setups or (["smoke"] if args.smoke else ["smollm2_gemma3", "tiny3"])
     cuda = args.device.startswith("cuda")
     parts = []
     for name in names:

@@ -1,10 +1,13 @@
 """The runs the benchmarks measure, as spec mappings.
 
-- quickstart: configs/quickstart.yaml as `make demo` runs it (the two real PyPI teachers);
-  quickstart_kv: the same without logit KD (teacher caches of K/V only).
+- smollm2_gemma3: configs/smollm2_gemma3.yaml (SmolLM2 + Gemma-3, the two real PyPI teachers
+  of the quickstart until 2026-12-06; every script's default and RESULTS.md's rows);
+  smollm2_gemma3_kv: the same without logit KD (teacher caches of K/V only).
+- quickstart: configs/quickstart.yaml as `make demo` runs it (SmolLM2 + Qwen2.5-Coder's
+  151,936-token vocabulary; not measured yet).
 - teachers(n, ...): n of five random teachers, each different from the others in tokenizer
   (byte-level, SmolLM2's BPE, Gemma-3's SentencePiece), attention (MHA / GQA / MQA), head_dim,
-  depth and RoPE base (bf16, like the quickstart's teachers), into a float32 Llama student with
+  depth and RoPE base (bf16, like the real teachers), into a float32 Llama student with
   SmolLM2's tokenizer; tiny3 is its 3-teacher form.
 - smoke: the same shapes shrunk so every script runs in seconds (CI).
 - three_real: configs/three_teachers.yaml with all three real teachers at once (SmolLM2,
@@ -67,7 +70,7 @@ def teacher(i: int, scale: float = 1.0) -> dict[str, Any]:
         "id": f"t{i}_{kind}",
         "source": "tiny",
         "seed": i + 1,
-        "dtype": "bfloat16",  # as the quickstart's teachers (frozen, forward only)
+        "dtype": "bfloat16",  # as the real teachers (frozen, forward only)
         "config": config,
     }
     if tok:
@@ -123,15 +126,24 @@ def teachers(
     }
 
 
-def quickstart() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    data["training"]["max_steps"] = 1000  # steps are driven by the benchmark, not the schedule
+def example(name: str) -> dict[str, Any]:
+    """configs/NAME.yaml, its steps driven by the benchmark rather than its schedule."""
+    data: dict[str, Any] = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    data["training"]["max_steps"] = 1000
     return data
 
 
-def quickstart_kv() -> dict[str, Any]:
-    """The quickstart without logit KD: a teacher cache of K/V only, no [B, T, V] logits."""
-    data = quickstart()
+def quickstart() -> dict[str, Any]:
+    return example("quickstart")
+
+
+def smollm2_gemma3() -> dict[str, Any]:
+    return example("smollm2_gemma3")
+
+
+def smollm2_gemma3_kv() -> dict[str, Any]:
+    """smollm2_gemma3 without logit KD: a teacher cache of K/V only, no [B, T, V] logits."""
+    data = smollm2_gemma3()
     data["losses"] = [loss for loss in data["losses"] if loss["name"] != "logit_kd"]
     return data
 
@@ -173,7 +185,8 @@ def save_tokenizers(folder: Path) -> None:
 
 SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
     "quickstart": quickstart,
-    "quickstart_kv": quickstart_kv,
+    "smollm2_gemma3": smollm2_gemma3,
+    "smollm2_gemma3_kv": smollm2_gemma3_kv,
     "tiny3": teachers,
     "smoke": smoke,
     "three_real": three_real,

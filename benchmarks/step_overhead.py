@@ -3,7 +3,7 @@
 
     python -m benchmarks.step_overhead [--smoke] [--repeats N] [--device cuda]
 
-For the quickstart (two real PyPI teachers) and a 3-teacher random setup: kvd steps, efficient
+For smollm2_gemma3 (two real PyPI teachers) and a 3-teacher random setup: kvd steps, efficient
 bare steps (teacher forwards + kvd's own CE-only student step), HF bare steps (teacher forwards
 + plain transformers student step, LM head and loss on padding too) and packed bare steps (the
 HF bare's student step on the same real tokens packed into one row without padding) alternate
@@ -47,7 +47,7 @@ def mark(ratio: float, target: float) -> str:
 def main() -> None:
     with_kvd_allocator("benchmarks.step_overhead")
     args = arguments(__doc__ or "", repeats=16)  # ratios near the target: the noise matters
-    names = args.setups or (["smoke"] if args.smoke else ["quickstart", "tiny3"])
+    names = args.setups or (["smoke"] if args.smoke else ["smollm2_gemma3", "tiny3"])
     rows = []
     for name in names:
         data = SETUPS[name]()

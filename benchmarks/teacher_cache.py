@@ -87,7 +87,7 @@ def cached_step_times(spec: dict[str, Any], device: str) -> tuple[float, float]:
 def main() -> None:
     with_kvd_allocator("benchmarks.teacher_cache")
     args = arguments(__doc__ or "")
-    names = ["smoke"] if args.smoke else ["quickstart", "quickstart_kv", "tiny3"]
+    names = ["smoke"] if args.smoke else ["smollm2_gemma3", "smollm2_gemma3_kv", "tiny3"]
     rows = []
     for name in names:
         with tempfile.TemporaryDirectory(prefix="kvd-bench-cache-") as tmp:

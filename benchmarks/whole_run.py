@@ -128,7 +128,7 @@ def measure(name: str, steps: int, repeats: int, device: str, tmp: Path) -> dict
 def main() -> None:
     with_kvd_allocator("benchmarks.whole_run")
     args = arguments(__doc__ or "", repeats=2)
-    setups = args.setups or (["smoke"] if args.smoke else ["quickstart", "tiny3"])
+    setups = args.setups or (["smoke"] if args.smoke else ["smollm2_gemma3", "tiny3"])
     steps = 6 if args.smoke else 30
     n_cores = len(os.sched_getaffinity(0))
     rows = []

@@ -71,8 +71,9 @@ def train_command(
         )
         stdout().print(
             "next: `kvd eval RUN_DIR` scores a run (cloze accuracy, speed), `kvd compare A B` "
-            "compares runs, `kvd ab experiments/quickstart_ab.yaml` repeats this over seeds "
-            "with significance tests; see docs/index.md"
+            "compares runs, `kvd ab EXPERIMENT.yaml` repeats runs over seeds with significance "
+            "tests (experiments/multi_teacher_round11_confirm.yaml: the quickstart's recipe "
+            "against SmolLM2 alone); see docs/index.md"
         )
 
 

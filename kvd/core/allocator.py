@@ -1,8 +1,8 @@
 """Use mimalloc instead of glibc's malloc for CPU runs (measured, see benchmarks/).
 
 With glibc a training step spends much of its time in the kernel returning large tensor buffers
-to the OS and faulting them back; a caching allocator that keeps its pages avoids it (quickstart
-step 3.1 s -> 1.7 s on 2 cores). The library ships on PyPI (`cmeel-mimalloc`); the `kvd`
+to the OS and faulting them back; a caching allocator that keeps its pages avoids it (a SmolLM2 +
+Gemma-3 step 3.1 s -> 1.7 s on 2 cores). The library ships on PyPI (`cmeel-mimalloc`); the `kvd`
 command re-executes itself once with it preloaded. KVD_ALLOCATOR=system keeps glibc.
 """
 
@@ -42,7 +42,7 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
         return env
     # mimalloc returns freed pages to the OS after 10 ms by default; a step then faults its
     # [B, T, vocab] buffers back in every time (steps of 1.7-3.2 s instead of a steady 1.66 s,
-    # quickstart, measured). A training process lives at its peak anyway: keep the pages.
+    # SmolLM2 + Gemma-3, measured). A training process lives at its peak anyway: keep the pages.
     return dict(
         env,
         LD_PRELOAD=f"{lib}:{preload}" if preload else str(lib),
