@@ -232,9 +232,10 @@ def test_loss_fusion_of_one_teacher_is_target_fusion(loss: str) -> None:
 
 def test_loss_fusion_keeps_each_teachers_signal_whatever_the_scales() -> None:
     """Two teachers whose projected K/V differ in scale by orders of magnitude (SmolLM2 vs
-    Gemma-3 in configs/smollm2_gemma3.yaml): loss fusion is the mean of each teacher's own guarded loss, so
-    teacher A's term does not change when B's targets grow; under target fusion A's signal is
-    lost in the fused target (the loss hardly changes when A's target is zeroed)."""
+    Gemma-3 in configs/smollm2_gemma3.yaml): loss fusion is the mean of each teacher's own
+    guarded loss, so teacher A's term does not change when B's targets grow; under target
+    fusion A's signal is lost in the fused target (the loss hardly changes when A's target is
+    zeroed)."""
     student = tiny(STUDENT, seed=3)
     teachers = {"llama": tiny(LLAMA_TEACHER, seed=1), "qwen": tiny(QWEN_TEACHER, seed=2)}
 
