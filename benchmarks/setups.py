@@ -133,10 +133,6 @@ def example(name: str) -> dict[str, Any]:
     return data
 
 
-def quickstart() -> dict[str, Any]:
-    return example("quickstart")
-
-
 def smollm2_gemma3() -> dict[str, Any]:
     return example("smollm2_gemma3")
 
@@ -184,7 +180,7 @@ def save_tokenizers(folder: Path) -> None:
 
 
 SETUPS: dict[str, Callable[[], dict[str, Any]]] = {
-    "quickstart": quickstart,
+    "quickstart": lambda: example("quickstart"),
     "smollm2_gemma3": smollm2_gemma3,
     "smollm2_gemma3_kv": smollm2_gemma3_kv,
     "tiny3": teachers,
