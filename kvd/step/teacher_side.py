@@ -104,6 +104,8 @@ class TeacherSide:
         if self.spec.training.teacher_parallel == "fsdp" and self.rt.world > 1:
             mesh = process_mesh(self.rt.device.type, self.rt.world)
         index = {ref.id: i for i, ref in enumerate(self.spec.teachers)}
+        for ref in refs:  # conversions first: their peak memory never adds to loaded teachers
+            ref.build().prepare()
         loaded = {}
         for ref in refs:
             model = load_model(ref, self.rt.device, f"teachers.{index[ref.id]}", self.spec.seed)
