@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from kvd.align.tokens import next_token_alignment
 from kvd.align.vocab import FLOOR, FirstTokenVocab, TopK, VocabMap, first_token_index
 from kvd.data.tokenize import tokenize
+from kvd.losses.rowwise import CHUNK_ELEMENTS
 from tests.test_align_tokens import (
     BOS,
     MAX_LENGTH,
@@ -140,3 +141,22 @@ def test_real_tokenizers_map_words_to_words(real_tokenizers: dict[str, Any]) -> 
         t_id = gemma3(word, add_special_tokens=False)["input_ids"]
         s_id = smollm2(word, add_special_tokens=False)["input_ids"]
         assert len(t_id) == len(s_id) == 1 and int(vocab.index[t_id[0]]) == s_id[0]
+
+
+def test_top_k_of_chosen_rows_in_chunks_equals_apply_then_topk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """top_k over chosen rows, a few rows at a time (3 here), gives bit for bit what `apply`
+    and topk give on those rows gathered at once."""
+    monkeypatch.setitem(CHUNK_ELEMENTS, "cpu", 3 * 20)
+    logits = (torch.randn(2, 7, 20) * 3).bfloat16()
+    index = torch.arange(20) % 12
+    index[::5] = -1
+    vocab = VocabMap(index, size=12, k=4)
+    rows = torch.tensor([[0, 2, 2, 6, 5], [7, 8, 13, 9, 10]])
+    top = vocab.top_k(logits, rows)
+    want = vocab.apply(logits.reshape(-1, 20)[rows]).topk(4, dim=-1)
+    assert top.values.shape == (2, 5, 4) and top.values.dtype == torch.float32
+    assert torch.equal(top.values, want.values) and torch.equal(top.index, want.indices)
+    whole = vocab.top_k(logits)
+    assert torch.equal(whole.values, vocab.apply(logits).topk(4, dim=-1).values)

@@ -181,9 +181,9 @@ def teacher_targets(
         if mapped:
             assert cap.logits is not None and teacher.vocab is not None
             nt = next_token_alignment(student, batch)
-            index = nt.index[..., 0].to(device)[..., None]  # [B, Ts, 1]
-            picked = cap.logits.gather(1, index.expand(-1, -1, cap.logits.shape[-1]))
-            top = teacher.vocab.top_k(picked)
+            b, tt = cap.logits.shape[:2]
+            rows = nt.index[..., 0].to(device) + torch.arange(b, device=device)[:, None] * tt
+            top = teacher.vocab.top_k(cap.logits, rows)  # [B, Ts, k]: row b*Tt+t of [B*Tt, Vt]
             logit_mask = nt.mask.to(device) & real
             return TeacherTargets(
                 out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
