@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from kvd.align.tokens import next_token_alignment
 from kvd.align.vocab import FLOOR, FirstTokenVocab, TopK, VocabMap, first_token_index
 from kvd.data.tokenize import tokenize
+from kvd.losses.logits import LogitKDLoss
 from kvd.losses.rowwise import CHUNK_ELEMENTS
 from tests.test_align_tokens import (
     BOS,
@@ -160,3 +161,23 @@ def test_top_k_of_chosen_rows_in_chunks_equals_apply_then_topk(
     assert torch.equal(top.values, want.values) and torch.equal(top.index, want.indices)
     whole = vocab.top_k(logits)
     assert torch.equal(whole.values, vocab.apply(logits).topk(4, dim=-1).values)
+
+
+def test_top_k_rows_are_its_dense_rows() -> None:
+    """TopK read as row-wise loss targets (kvd.losses.rowwise.Rows): any slice of the flattened
+    rows is, bit for bit, those rows of `dense()`, and `shape` is the dense shape."""
+    logits = torch.randn(2, 5, 30) * 3
+    top = VocabMap(torch.arange(30) % 17, size=17, k=4).top_k(logits)
+    dense = top.dense()
+    assert top.shape == dense.shape == (2, 5, 17)
+    for rows in (slice(0, 10), slice(3, 7), slice(9, 10)):
+        assert torch.equal(top[rows], dense.reshape(10, 17)[rows])
+    kd = LogitKDLoss(LogitKDLoss.Config(temperature=2.0))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    student = torch.randn(2, 5, 17, requires_grad=True)
+    from_rows = kd(student, top, mask)
+    (grad_rows,) = torch.autograd.grad(from_rows, student)
+    from_dense = kd(student, dense, mask)
+    (grad_dense,) = torch.autograd.grad(from_dense, student)
+    assert torch.equal(from_rows, from_dense) and torch.equal(grad_rows, grad_dense)

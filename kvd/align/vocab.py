@@ -48,6 +48,18 @@ class TopK:
     index: Tensor
     size: int
 
+    @property
+    def shape(self) -> torch.Size:
+        """The dense distribution's shape, [..., Vs]."""
+        return torch.Size((*self.values.shape[:-1], self.size))
+
+    def __getitem__(self, rows: slice) -> Tensor:
+        """Rows of the flattened leading dims, dense: [n, Vs] (the row-wise losses read a
+        chunk at a time, kvd.losses.rowwise.Rows, so the whole [..., Vs] is never made)."""
+        k = self.values.shape[-1]
+        flat = TopK(self.values.reshape(-1, k)[rows], self.index.reshape(-1, k)[rows], self.size)
+        return flat.dense()
+
     def dense(self) -> Tensor:
         """[..., Vs] log-probabilities (float32)."""
         k = self.values.shape[-1]

@@ -50,9 +50,10 @@ class TeacherTargets:
     The logits can instead be given by hidden [B, Tt, d] (the teacher's last hidden states at
     its own positions), the alignment that maps them and the teacher's head: the aligned logits
     are `alignment.gather(head(hidden))` (`dense_logits`; `logit_rows` for the row-wise losses).
-    A teacher whose logits are mapped onto the student's vocabulary (TeacherRuntime.vocab) has
-    them as `top_k` too (what the cache stores; `logits` is `top_k.dense()`), valid where
-    logit_mask [B, Ts] is True: where both tokenisations end at the same character.
+    A teacher whose logits are mapped onto the student's vocabulary (TeacherRuntime.vocab) gives
+    them as `top_k` alone (what the cache stores; `dense_logits()` is `top_k.dense()`, and the
+    row-wise losses read it a chunk of rows at a time), valid where logit_mask [B, Ts] is True:
+    where both tokenisations end at the same character.
     """
 
     keys: dict[int, torch.Tensor]
@@ -76,7 +77,7 @@ class TeacherTargets:
     @property
     def has_logits(self) -> bool:
         """Whether these targets give the teacher's logits (whole or as hidden states)."""
-        return self.logits is not None or self._hidden_form is not None
+        return self.logits is not None or self.top_k is not None or self._hidden_form is not None
 
     @property
     def _hidden_form(self) -> tuple[torch.Tensor, TokenAlignment, OutputHead] | None:
@@ -88,19 +89,25 @@ class TeacherTargets:
         """The aligned logits [B, Ts, V]: `logits`, or computed from the hidden states by the
         teacher's head exactly as `teacher_targets` aligns the teacher's own logits."""
         form = self._hidden_form
-        if self.logits is not None or form is None:
+        if self.logits is not None or (form is None and self.top_k is None):
             return self.logits
         if self._dense is None:  # made once: a loss that is not row-wise may ask again
-            hidden, alignment, head = form
-            with torch.autocast(hidden.device.type, enabled=False):
-                self._dense = alignment.gather(head(hidden).unsqueeze(1)).squeeze(1)
+            if self.top_k is not None:
+                self._dense = self.top_k.dense()
+            else:
+                assert form is not None
+                hidden, alignment, head = form
+                with torch.autocast(hidden.device.type, enabled=False):
+                    self._dense = alignment.gather(head(hidden).unsqueeze(1)).squeeze(1)
         return self._dense
 
-    def logit_rows(self) -> torch.Tensor | HeadRows | None:
+    def logit_rows(self) -> torch.Tensor | HeadRows | TopK | None:
         """The aligned logits for the row-wise losses: where the alignment only selects rows (a
         teacher with the student's tokenizer), made from the hidden states a chunk of rows at a
-        time (HeadRows [B, Ts, V], the same values: the head works row by row), else
-        `dense_logits()`."""
+        time (HeadRows [B, Ts, V], the same values: the head works row by row); a mapped
+        teacher's `top_k`, made dense a chunk of rows at a time; else `dense_logits()`."""
+        if self.logits is None and self.top_k is not None:
+            return self.top_k
         form = self._hidden_form
         if self.logits is None and form is not None:
             hidden, alignment, head = form
@@ -173,7 +180,7 @@ def teacher_targets(
                     out_k[j] = alignment.gather(k)
                     out_v[j] = alignment.gather(v)
         logits = None
-        if want_logits and not as_hidden and cap.logits is not None:
+        if want_logits and not as_hidden and not mapped and cap.logits is not None:
             logits = alignment.gather(cap.logits.unsqueeze(1)).squeeze(1)
         ce = sequence_ce(cap.logits, ids, mask) if want_ce and cap.logits is not None else None
         real = student.attention_mask.to(device)
@@ -185,9 +192,7 @@ def teacher_targets(
             rows = nt.index[..., 0].to(device) + torch.arange(b, device=device)[:, None] * tt
             top = teacher.vocab.top_k(cap.logits, rows)  # [B, Ts, k]: row b*Tt+t of [B*Tt, Vt]
             logit_mask = nt.mask.to(device) & real
-            return TeacherTargets(
-                out_k, out_v, valid, top.dense(), ce, top_k=top, logit_mask=logit_mask
-            )
+            return TeacherTargets(out_k, out_v, valid, None, ce, top_k=top, logit_mask=logit_mask)
         if not as_hidden:  # cap.hidden is None too
             return TeacherTargets(out_k, out_v, valid, logits, ce)
         return TeacherTargets(

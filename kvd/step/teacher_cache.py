@@ -96,7 +96,7 @@ def unpack(
         )
         if "topk_values" in e:
             top = TopK(e["topk_values"], e["topk_index"], int(e["topk_size"]))
-            t = replace(t, logits=top.dense(), top_k=top)
+            t = replace(t, top_k=top)
         if "hidden" in e:
             alignment = TokenAlignment(e["align_index"], e["align_weight"], e["mask"])
             t = replace(t, hidden=e["hidden"], alignment=alignment, head=heads[tid])
