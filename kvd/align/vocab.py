@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kvd.align.base import Aligner
 from kvd.core.component import ComponentConfig
-from kvd.losses.rowwise import CHUNK_ELEMENTS
+from kvd.losses.rowwise import chunk_rows
 
 FLOOR = 1e-30
 """Probability given to a student token that no teacher token maps to (log = -69): finite, so
@@ -102,12 +102,11 @@ class VocabMap:
         shape. Computed a few rows at a time: `apply`'s float32 temporaries are [rows, Vt] each,
         which for 8 x 128 positions of a 151,936-token teacher were 0.6 GB apiece at once."""
         flat = logits.reshape(-1, logits.shape[-1])
-        picked = torch.arange(flat.shape[0], device=flat.device) if rows is None else rows
         shape = (*(logits.shape[:-1] if rows is None else rows.shape), min(self.k, self.size))
-        order = picked.reshape(-1)
+        order = torch.arange(len(flat), device=flat.device) if rows is None else rows.reshape(-1)
         values = flat.new_empty(len(order), shape[-1], dtype=torch.float32)
         index = torch.empty(len(order), shape[-1], dtype=torch.long, device=flat.device)
-        step = max(1, CHUNK_ELEMENTS.get(flat.device.type, 2**22) // flat.shape[-1])
+        step = chunk_rows(flat.device, flat.shape[-1])
         for first in range(0, len(order), step):
             chunk = slice(first, first + step)
             top = self.apply(flat.index_select(0, order[chunk])).topk(shape[-1], dim=-1)

@@ -16,10 +16,10 @@ from torch import Tensor
 from kvd.core.errors import PlanError
 from kvd.losses.base import Loss, LossInputs
 from kvd.losses.rowwise import (
-    CHUNK_ELEMENTS,
     Rows,
     RowTerm,
     SoftKLRows,
+    chunk_rows,
     row_chunks,
     rowwise_group,
 )
@@ -104,7 +104,7 @@ class _ULDRows(torch.autograd.Function):
         grad = torch.empty_like(flat)
         total = flat.new_zeros((), dtype=torch.float32)
         width = max(vs, vt)
-        step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // width)
+        step = chunk_rows(logits.device, width)
         for rows, _ in row_chunks(valid, None, step, grad):
             p = torch.softmax(flat[rows].float() / tau, dim=-1)
             p_sorted, order = p.sort(dim=-1, descending=True)

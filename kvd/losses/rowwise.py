@@ -50,6 +50,11 @@ CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**27}
 last-level cache; 2**21 was fastest of 2**18..2**22 measured), 512 MiB on CUDA (few launches)."""
 
 
+def chunk_rows(device: torch.device, width: int) -> int:
+    """Rows of `width` elements per chunk on `device` (CHUNK_ELEMENTS' worth, at least one)."""
+    return max(1, CHUNK_ELEMENTS.get(device.type, 2**22) // width)
+
+
 class Rows(Protocol):
     """Target rows [..., V] made on demand (a teacher's logits from its hidden states:
     kvd.modeling.head.HeadRows): `shape` as the tensor's, and `rows[a:b]` -> [b - a, V], rows
@@ -114,7 +119,7 @@ class _Rowwise(torch.autograd.Function):
         grad = torch.empty_like(flat)
         direct = grad.dtype == torch.float32  # else each chunk is computed in float32, then cast
         sums = [flat.new_zeros((), dtype=torch.float32) for _ in terms]
-        step = max(1, CHUNK_ELEMENTS.get(logits.device.type, 2**22) // v)
+        step = chunk_rows(logits.device, v)
         for rows, source in row_chunks(torch.stack(valids).any(0), index, step, grad):
             x = flat[rows].float()
             acc = grad[rows] if direct else torch.empty_like(x)

@@ -88,14 +88,12 @@ class TeacherTargets:
     def dense_logits(self) -> torch.Tensor | None:
         """The aligned logits [B, Ts, V]: `logits`, or computed from the hidden states by the
         teacher's head exactly as `teacher_targets` aligns the teacher's own logits."""
-        form = self._hidden_form
-        if self.logits is not None or (form is None and self.top_k is None):
+        if self.logits is not None:
             return self.logits
         if self._dense is None:  # made once: a loss that is not row-wise may ask again
             if self.top_k is not None:
                 self._dense = self.top_k.dense()
-            else:
-                assert form is not None
+            elif (form := self._hidden_form) is not None:
                 hidden, alignment, head = form
                 with torch.autocast(hidden.device.type, enabled=False):
                     self._dense = alignment.gather(head(hidden).unsqueeze(1)).squeeze(1)
