@@ -16,6 +16,7 @@ import yaml
 from transformers import AutoConfig
 
 from kvd.run.rundir import read_metrics
+from tests.conftest import write_tiny_gguf
 from tests.specs import tiny_spec
 
 TOLERANCE = 0.005
@@ -116,11 +117,12 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_on_every_rank_and_the_run_resume
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")][-1] == 100
 
 
-def torchrun_module(*module_args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m MODULE ARGS...` as 2 torchrun workers (1 thread each) from the repository root."""
+def torchrun_module(*module_args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS...` as 2 torchrun workers (1 thread each) from the repository root,
+    with `env_vars` added to the environment."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun ships with torch"
-    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system")
+    env = dict(os.environ, OMP_NUM_THREADS="1", KVD_ALLOCATOR="system", **env_vars)
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", *module_args]
     root = Path(__file__).parent.parent
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=root)
@@ -291,3 +293,24 @@ def test_fsdp_bf16_mixed_precision_and_cpu_offload_train_as_ddp_bf16(tmp_path: P
         runs[name] = losses(tmp_path / name)
     assert len(runs["fsdp"]) == 4 and all(math.isfinite(x) for x in runs["fsdp"])
     assert runs["fsdp"] == pytest.approx(runs["ddp"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_one_process_per_node_converts_a_gguf_teacher_while_the_other_waits(
+    tmp_path: Path,
+) -> None:
+    """Under torchrun, the node's first process converts a GGUF teacher into an empty kvd cache
+    and the other loads the converted copy after it: one conversion, not one per process at the
+    same time (each holds the dequantised weights: ~3.9 GB for Qwen2.5-Coder-0.5B)."""
+    gguf = write_tiny_gguf(tmp_path / "teacher.gguf")
+    teachers = [{"id": "g", "source": "gguf", "path": str(gguf)}]
+    data = tiny_spec(tmp_path / "run", teachers=teachers)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    cache = tmp_path / "kvd-cache"
+    env = {"KVD_CACHE_DIR": str(cache)}
+    proc = torchrun_module("tests.dist_prepare", str(tmp_path / "spec.yaml"), str(tmp_path), **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "done-rank0").is_file() and (tmp_path / "done-rank1").is_file()
+    spans = {r: json.loads((tmp_path / f"convert-rank{r}.json").read_text()) for r in (0, 1)}
+    assert len(spans[0]) == 1 and spans[1] == []
+    assert len(list((cache / "gguf").iterdir())) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +101,22 @@ def setup_runtime(device: str) -> Runtime:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         _OPENED.add(dist.group.WORLD)
     return Runtime(dev, rank, world)
+
+
+def node_first(rt: Runtime, action: Callable[[], None]) -> None:
+    """Run `action` in every process, in the node's first process (LOCAL_RANK 0) before the
+    others: what it puts in kvd's cache (a converted teacher) is then there for them, so a node
+    converts once, not once per process at the same time. An error in the first process ends it
+    before the barrier, and torchrun then stops the others."""
+    if rt.world == 1 or not dist.is_initialized():
+        action()
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        action()
+    dist.barrier()
+    if not first:
+        action()
 
 
 def close_process_group(clean: bool) -> None:

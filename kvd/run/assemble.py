@@ -15,11 +15,12 @@ from typing import Any
 import torch
 
 from kvd.core.progress import Progress
-from kvd.core.runtime import Runtime
+from kvd.core.runtime import Runtime, node_first
 from kvd.data import Data, build_data
 from kvd.data.batches import StudentBatches
 from kvd.modeling.sharding import decoder_layers
 from kvd.sources.build import check_lengths, load_model
+from kvd.spec.geometry import ModelGeometry
 from kvd.spec.models import LoadedModel
 from kvd.spec.runspec import RunSpec
 from kvd.step.curriculum import Curriculum, build_curriculum
@@ -73,7 +74,8 @@ def assemble(
     rank); layer plans and targets are per teacher, so each gives the targets it gives in full."""
     torch.manual_seed(spec.seed)
     student = load_model(spec.student, runtime.device, "student", spec.seed)
-    geometries = teacher_geometries(spec)
+    geometries: dict[str, ModelGeometry] = {}  # a split GGUF is assembled into the cache here
+    node_first(runtime, lambda: geometries.update(teacher_geometries(spec)))
     check_lengths(spec, {"student": student.geometry} | geometries)
     student.model.train()
     if spec.training.activation_checkpointing:

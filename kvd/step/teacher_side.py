@@ -21,7 +21,7 @@ from kvd.align.rope import RopeAligner
 from kvd.align.vocab import VocabAligner
 from kvd.core.errors import KvdError
 from kvd.core.progress import Progress
-from kvd.core.runtime import Runtime, oom_guard
+from kvd.core.runtime import Runtime, node_first, oom_guard
 from kvd.core.types import TokenBatch
 from kvd.data import Data
 from kvd.data.batches import StudentBatches
@@ -104,8 +104,12 @@ class TeacherSide:
         if self.spec.training.teacher_parallel == "fsdp" and self.rt.world > 1:
             mesh = process_mesh(self.rt.device.type, self.rt.world)
         index = {ref.id: i for i, ref in enumerate(self.spec.teachers)}
-        for ref in refs:  # conversions first: their peak memory never adds to loaded teachers
-            ref.build().prepare()
+
+        def prepare() -> None:  # conversions first: their peak memory never adds to loaded ones
+            for ref in refs:
+                ref.build().prepare()
+
+        node_first(self.rt, prepare)
         loaded = {}
         for ref in refs:
             model = load_model(ref, self.rt.device, f"teachers.{index[ref.id]}", self.spec.seed)
