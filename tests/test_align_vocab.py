@@ -88,6 +88,20 @@ def test_map_adds_the_mass_of_teacher_tokens_with_one_student_token() -> None:
     assert out.sum() == pytest.approx(1.0)
 
 
+def test_map_sums_each_student_token_in_teacher_id_order() -> None:
+    """`apply` scatters the teacher's probabilities in place and gives bit for bit the
+    index_select + index_add sum it replaced (each student token's terms added in the order of
+    the teacher ids), so runs before and after it train alike."""
+    torch.manual_seed(0)
+    index = torch.randint(-1, 300, (1000,))  # about 1 teacher id in 300 maps to nothing
+    logits = (torch.randn(3, 5, 1000) * 4).bfloat16()
+    probs = logits.float().softmax(-1)
+    source = (index >= 0).nonzero().squeeze(1)
+    want = probs.new_zeros(3, 5, 300).index_add_(-1, index[source], probs[..., source])
+    want = (want / want.sum(-1, keepdim=True)).clamp_min(FLOOR).log()
+    assert torch.equal(VocabMap(index, size=300, k=8).apply(logits), want)
+
+
 def test_identity_map_is_log_softmax() -> None:
     logits = torch.randn(2, 5, 11)
     vocab = VocabMap(torch.arange(11), size=11, k=11)

@@ -82,19 +82,20 @@ class VocabMap:
     def apply(self, logits: Tensor) -> Tensor:
         """Teacher logits [..., Vt] -> log-probabilities [..., Vs] over the student's vocabulary
         (float32): softmax, the mass of each teacher token added to its student token,
-        renormalised over the mapped mass, log with FLOOR."""
+        renormalised over the mapped mass, log with FLOOR. One scatter_add reads the teacher's
+        probabilities in place (unmapped ids go to a spare column Vs, dropped), in the order of
+        the teacher ids, as index_select + index_add did, without their [..., Vt] copy."""
         probs = torch.softmax(logits.float(), dim=-1)
-        source, target = (x.to(logits.device) for x in self._mapped)
-        out = probs.new_zeros(*probs.shape[:-1], self.size)
-        out.index_add_(-1, target, probs.index_select(-1, source))
+        target = self._targets.to(logits.device).expand_as(probs)
+        out = probs.new_zeros(*probs.shape[:-1], self.size + 1).scatter_add_(-1, target, probs)
+        out = out[..., : self.size].contiguous()
         out /= out.sum(dim=-1, keepdim=True).clamp_min(FLOOR)
         return out.clamp_min_(FLOOR).log_()
 
     @cached_property
-    def _mapped(self) -> tuple[Tensor, Tensor]:
-        """(teacher ids that map, their student ids), found once rather than at every step."""
-        source = (self.index >= 0).nonzero().squeeze(1)
-        return source, self.index[source]
+    def _targets(self) -> Tensor:
+        """[Vt] long: each teacher id's column in `apply`'s sum, Vs (the spare) for none."""
+        return torch.where(self.index >= 0, self.index, self.size)
 
     def top_k(self, logits: Tensor, rows: Tensor | None = None) -> TopK:
         """Teacher logits [..., Vt] -> the k most likely student tokens of `apply` [..., k];
