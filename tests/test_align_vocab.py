@@ -195,3 +195,30 @@ def test_top_k_rows_are_its_dense_rows() -> None:
     from_dense = kd(student, dense, mask)
     (grad_dense,) = torch.autograd.grad(from_dense, student)
     assert torch.equal(from_rows, from_dense) and torch.equal(grad_rows, grad_dense)
+
+
+def test_top_k_maps_only_the_kept_rows_and_the_loss_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With `keep`, the kept rows are bit for bit those of the whole top k (mapped in chunks
+    of other rows), the others the uniform distribution; logit_kd masked by `keep` gives the
+    same loss and gradient from either, so padding and unaligned positions cost no mapping."""
+    monkeypatch.setitem(CHUNK_ELEMENTS, "cpu", 3 * 40)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 40) * 3
+    index = torch.arange(40) % 17
+    index[::9] = -1  # teacher ids that map to nothing
+    vocab = VocabMap(index, size=17, k=4)
+    keep = torch.rand(2, 6) < 0.6
+    keep[0, 0], keep[1, 5] = True, False
+    whole, part = vocab.top_k(logits), vocab.top_k(logits, keep=keep)
+    assert torch.equal(part.values[keep], whole.values[keep])
+    assert torch.equal(part.index[keep], whole.index[keep])
+    torch.testing.assert_close(
+        part.dense()[~keep].exp(), torch.full((int((~keep).sum()), 17), 1 / 17)
+    )
+    kd = LogitKDLoss(LogitKDLoss.Config(temperature=2.0))
+    student = torch.randn(2, 6, 17, requires_grad=True)
+    losses = [kd(student, top, keep) for top in (whole, part)]
+    grads = [torch.autograd.grad(loss, student)[0] for loss in losses]
+    assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])

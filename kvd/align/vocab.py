@@ -21,6 +21,7 @@ are used as they are, at the token aligner's positions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -97,21 +98,27 @@ class VocabMap:
         """[Vt] long: each teacher id's column in `apply`'s sum, Vs (the spare) for none."""
         return torch.where(self.index >= 0, self.index, self.size)
 
-    def top_k(self, logits: Tensor, rows: Tensor | None = None) -> TopK:
+    def top_k(self, logits: Tensor, rows: Tensor | None = None, keep: Tensor | None = None) -> TopK:
         """Teacher logits [..., Vt] -> the k most likely student tokens of `apply` [..., k];
         rows [...] long: only those rows of logits.reshape(-1, Vt), and the result has their
-        shape. Computed a few rows at a time: `apply`'s float32 temporaries are [rows, Vt] each,
-        which for 8 x 128 positions of a 151,936-token teacher were 0.6 GB apiece at once."""
+        shape; keep (the result's leading shape) bool: only those rows are mapped, the others
+        (padding, positions no loss reads) hold the uniform distribution (a host tensor: no
+        device read). Computed a few rows at a time: `apply`'s float32 temporaries are
+        [rows, Vt] each, which for 8 x 128 positions of a 151,936-token teacher were 0.6 GB
+        apiece at once."""
         flat = logits.reshape(-1, logits.shape[-1])
         shape = (*(logits.shape[:-1] if rows is None else rows.shape), min(self.k, self.size))
         order = torch.arange(len(flat), device=flat.device) if rows is None else rows.reshape(-1)
-        values = flat.new_empty(len(order), shape[-1], dtype=torch.float32)
-        index = torch.empty(len(order), shape[-1], dtype=torch.long, device=flat.device)
+        k = shape[-1]
+        values = flat.new_full((len(order), k), -math.log(self.size), dtype=torch.float32)
+        index = torch.arange(k, device=flat.device).repeat(len(order), 1)
+        picked = torch.arange(len(order)) if keep is None else keep.reshape(-1).nonzero()[:, 0]
+        picked = picked.to(flat.device)
         step = chunk_rows(flat.device, flat.shape[-1])
-        for first in range(0, len(order), step):
-            chunk = slice(first, first + step)
-            top = self.apply(flat.index_select(0, order[chunk])).topk(shape[-1], dim=-1)
-            values[chunk], index[chunk] = top.values, top.indices
+        for first in range(0, len(picked), step):
+            at = picked[first : first + step]
+            top = self.apply(flat.index_select(0, order[at])).topk(k, dim=-1)
+            values[at], index[at] = top.values, top.indices
         return TopK(values.view(shape), index.view(shape), self.size)
 
     @property

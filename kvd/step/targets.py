@@ -188,8 +188,9 @@ def teacher_targets(
             nt = next_token_alignment(student, batch)
             b, tt = cap.logits.shape[:2]
             rows = nt.index[..., 0].to(device) + torch.arange(b, device=device)[:, None] * tt
-            top = teacher.vocab.top_k(cap.logits, rows)  # [B, Ts, k]: row b*Tt+t of [B*Tt, Vt]
-            logit_mask = nt.mask.to(device) & real
+            keep = nt.mask & student.attention_mask.bool()  # on the host: no device read
+            top = teacher.vocab.top_k(cap.logits, rows, keep)  # [B, Ts, k]: row b*Tt+t
+            logit_mask = keep.to(device)
             return TeacherTargets(out_k, out_v, valid, None, ce, top_k=top, logit_mask=logit_mask)
         if not as_hidden:  # cap.hidden is None too
             return TeacherTargets(out_k, out_v, valid, logits, ce)
