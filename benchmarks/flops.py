@@ -23,6 +23,7 @@ from benchmarks.harness import (
     build_trainer,
     kvd_step,
     table,
+    teacher_forward,
     timed,
     with_kvd_allocator,
     write_section,
@@ -65,11 +66,10 @@ def measure(name: str, device: torch.device, repeats: int) -> list[Row]:
     out: list[Row] = []
     teacher_flops: dict[torch.dtype, int] = {}
     pairs = zip(trainer.teacher_side.teachers, bare.teachers, batch.teachers, strict=True)
-    for t, (loaded, _, keep), (ids, mask, _) in pairs:
+    for t, (loaded, _, _), (ids, mask, rows) in pairs:
 
-        def forward(m: Any = loaded.model, i: Any = ids, k: int = keep, a: Any = mask) -> None:
-            with torch.no_grad():
-                m(input_ids=i, attention_mask=a.bool(), use_cache=False, logits_to_keep=k)
+        def forward(m: Any = loaded.model, i: Any = ids, a: Any = mask, r: Any = rows) -> None:
+            teacher_forward(m, i, a.bool(), r)
 
         dtype = next(loaded.model.parameters()).dtype
         flops = counted(forward)

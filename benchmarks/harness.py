@@ -2,14 +2,15 @@
 interleaved timing, peak memory in a fresh process, and the RESULTS.md writer.
 
 A bare baseline is what the work costs without kvd: each teacher's plain transformers forward on
-batches tokenised beforehand (no_grad, full logits only for teachers whose logits kvd reads), and
-a student step. The efficient bare (the headline baseline) takes kvd's own CE-only student step:
-a CE-only Trainer on the same spec (LM head on real tokens only, kvd's chunked CE kernel, the same
-clipping, optimizer, schedule and step record). The plain HF bare drives a copy of the student
-with transformers' forward with labels (head and loss on every position, padding included),
-backward and AdamW; the packed bare does the same on each batch's real tokens packed into one
-row without padding (`pack`). What the kvd step costs beyond the efficient bare is distillation
-itself: tokenising for the teachers, alignment, projection, fusion and the distillation losses.
+batches tokenised beforehand (no_grad; the LM head on the real tokens only, and only for teachers
+whose logits kvd reads), and a student step. The efficient bare (the headline baseline) takes
+kvd's own CE-only student step: a CE-only Trainer on the same spec (LM head on real tokens only,
+kvd's chunked CE kernel, the same clipping, optimizer, schedule and step record). The plain HF
+bare drives a copy of the student with transformers' forward with labels (head and loss on every
+position, padding included), backward and AdamW; the packed bare does the same on each batch's
+real tokens packed into one row without padding (`pack`). What the kvd step costs beyond the
+efficient bare is distillation itself: tokenising for the teachers, alignment, projection,
+fusion and the distillation losses.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kvd.core.runtime import setup_runtime
 from kvd.core.types import TokenBatch
 from kvd.data.packing import BatchStream
 from kvd.data.tokenize import tokenize
+from kvd.modeling.capture import capture_kv
 from kvd.modeling.nll import IGNORE
 from kvd.run.train import Trainer
 from kvd.spec.runspec import parse_spec
@@ -108,10 +110,11 @@ def pack(batch: TokenBatch) -> Packed:
 
 @dataclass
 class BareBatch:
-    """One micro-batch tokenised for every model: per teacher (ids, mask, logits_to_keep), the
-    student's and, for the packed bare, the student's packed."""
+    """One micro-batch tokenised for every model: per teacher (ids, mask, rows), rows [N] the
+    flat real positions its LM head runs on, or None (its logits are not read: the head runs on
+    the last position only); the student's and, for the packed bare, the student's packed."""
 
-    teachers: list[tuple[torch.Tensor, torch.Tensor, int]]
+    teachers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     student: TokenBatch
     packed: Packed | None = None
 
@@ -149,7 +152,7 @@ class Bare:
         readers = trainer.curriculum.stage.logit_readers
         wants_all = trainer.curriculum.stage.fusion.needs_teacher_ce
         self.teachers = [
-            (t.loaded, t.add_bos, 0 if (t.id in readers or wants_all) else 1)
+            (t.loaded, t.add_bos, t.id in readers or wants_all)
             for t in trainer.teacher_side.teachers
             if t.loaded is not None
         ]
@@ -172,21 +175,20 @@ class Bare:
         for _ in range(self.trainer.spec.training.grad_accum):
             texts = next(self.stream).texts
             teachers = []
-            for loaded, bos, keep in self.teachers:
+            for loaded, bos, reads in self.teachers:
                 b = tokenize(loaded.tokenizer, texts, max_length=None, add_bos=bos)
-                teachers.append(
-                    (b.input_ids.to(self.device), b.attention_mask.to(self.device), keep)
-                )
+                rows = b.attention_mask.reshape(-1).nonzero()[:, 0] if reads else None
+                ids, mask = b.input_ids.to(self.device), b.attention_mask.to(self.device)
+                teachers.append((ids, mask, None if rows is None else rows.to(self.device)))
             s = tokenize(self.trainer.student.tokenizer, texts, max_length=seq_len, add_bos=s_bos)
             out.append(BareBatch(teachers, s, pack(s) if self.packed else None))
         return out
 
     # boolean attention masks: with int masks transformers builds the 4D mask more slowly
     # (0.50 s vs 0.42 s per SmolLM2 forward, measured); the baseline takes the faster call
-    @torch.no_grad()
     def teacher_forwards(self, batch: BareBatch) -> None:
-        for (loaded, _, _), (ids, mask, keep) in zip(self.teachers, batch.teachers, strict=True):
-            loaded.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        for (loaded, _, _), (ids, mask, rows) in zip(self.teachers, batch.teachers, strict=True):
+            teacher_forward(loaded.model, ids, mask, rows)
 
     def student_forward_backward(self, batch: BareBatch) -> None:
         if batch.packed is not None:
@@ -224,6 +226,19 @@ class Bare:
         sync(self.device)
         t2 = time.perf_counter()
         return {"teachers_s": t1 - t0, "student_s": t2 - t1, "step_s": t2 - t0, "tokens": tokens}
+
+
+@torch.no_grad()
+def teacher_forward(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None
+) -> None:
+    """A teacher's plain forward on ids, mask [B, T] (bool), its LM head on the flat positions
+    rows [N] only (kvd's capture recording no K/V: what narrows the head), or on the last
+    position when rows is None."""
+    if rows is None:
+        model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    else:
+        capture_kv(model, ids, mask, layers=[], rows=rows)
 
 
 def sync(device: torch.device) -> None:

@@ -99,8 +99,9 @@ def main() -> None:
         )
     body = (
         f"Targets: step time ratio <= {STEP_TARGET}, steps' own memory ratio <= {MEMORY_TARGET}, "
-        "both against the efficient bare (teacher forwards + kvd's CE-only student step: head on "
-        "real tokens, the same CE kernel, clipping and optimizer). "
+        "both against the efficient bare (teacher forwards, each teacher's LM head on its real "
+        "tokens where kvd reads its logits, else on the last position; + kvd's CE-only student "
+        "step: head on real tokens, the same CE kernel, clipping and optimizer). "
         "The HF bare: a plain transformers student step (head and loss on padding too, AdamW); "
         "the packed bare: the same on the batch's real tokens packed into one row (position_ids "
         "restarting per text, a block-diagonal causal mask, no padding). "

@@ -170,3 +170,28 @@ def test_the_packed_bare_trains_on_exactly_the_padded_batchs_real_tokens_and_ce(
     torch.testing.assert_close(flat.loss, padded.loss)
     torch.testing.assert_close(flat.logits[0], padded.logits[mask])
     assert not torch.allclose(unmasked[0], padded.logits[mask], atol=1e-3)
+
+
+def test_the_bare_teacher_forward_runs_the_head_on_real_tokens_only() -> None:
+    """The bare side's teacher forward: the LM head on the real tokens when its logits are
+    read (the same logits as the plain forward's there), on the last position when not."""
+    from benchmarks.harness import teacher_forward
+    from kvd.data.tokenize import tokenize
+    from kvd.testing.factories import tiny_causal_lm
+
+    teacher = tiny_causal_lm()
+    batch = tokenize(teacher.tokenizer, ["the first and longest text", "short"], add_bos=True)
+    mask = batch.attention_mask.bool()
+    assert not mask.all()
+    seen: list[torch.Tensor] = []
+    hook = teacher.model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: seen.append(out)
+    )
+    rows = mask.reshape(-1).nonzero()[:, 0]
+    teacher_forward(teacher.model, batch.input_ids, mask, rows)
+    teacher_forward(teacher.model, batch.input_ids, mask, None)
+    with torch.no_grad():
+        plain = teacher.model(input_ids=batch.input_ids, attention_mask=mask).logits
+    hook.remove()
+    assert seen[0].shape[:-1] == (int(mask.sum()),) and seen[1].shape[:-1] == (2, 1)
+    torch.testing.assert_close(seen[0], plain[mask])

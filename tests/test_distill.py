@@ -9,6 +9,7 @@ import torch
 
 from kvd.align.base import LayerAligner, TokenAligner
 from kvd.align.rope import RopeAligner
+from kvd.align.vocab import VocabMap
 from kvd.core.errors import PlanError
 from kvd.core.manager import registry
 from kvd.data.tokenize import tokenize
@@ -322,3 +323,45 @@ def test_kv_term_layers_must_be_distilled_and_taught() -> None:
     with pytest.raises(PlanError, match=r"teacher\(s\) \['llama'\] teach none of its layers"):
         check_loss_layers([LossTerm("kv", kv, 1.0, ["llama"], [1])], [0, 1], {"llama": [0]})
     check_loss_layers([LossTerm("kv", kv, 1.0, ["llama"], [0])], [0, 1], {"llama": [0]})
+
+
+def test_a_mapped_teacher_runs_its_head_only_on_the_rows_its_map_reads() -> None:
+    """A teacher whose logits go through a vocabulary map: its LM head sees only the positions
+    a logit loss reads (not padding), and the top k it gives equal, bit for bit, those mapped
+    from its logits at every position (the path when CE needs them all)."""
+    student = tiny(STUDENT, seed=3)
+    teacher = tiny(QWEN_TEACHER, seed=5)
+    _, runtimes, rope = build(student, {"qwen": teacher})
+    runtime = runtimes["qwen"]
+    vt, vs = teacher.geometry.vocab_size, student.geometry.vocab_size
+    runtime.vocab = VocabMap(torch.arange(vt) % (vs - 3), size=vs, k=8)
+    batch = tokenize(student.tokenizer, TEXTS)
+    head_rows: list[int] = []
+    hook = teacher.model.get_output_embeddings().register_forward_hook(
+        lambda _m, _a, out: head_rows.append(out.shape[:-1].numel())
+    )
+    soft_cls, soft_cfg = component("aligners", "soft")
+    found = [
+        teacher_targets(
+            runtime,
+            TEXTS,
+            batch,
+            token_aligner=soft_cls(soft_cfg),
+            rope=rope,
+            want_logits=True,
+            want_ce=want_ce,
+            device=torch.device("cpu"),
+        )
+        for want_ce in (False, True)
+    ]
+    hook.remove()
+    narrowed, whole = found
+    assert narrowed.top_k is not None and whole.top_k is not None
+    assert narrowed.logit_mask is not None and whole.logit_mask is not None
+    kept = int(narrowed.logit_mask.sum())
+    teacher_positions = tokenize(teacher.tokenizer, TEXTS).input_ids.numel()
+    assert 0 < kept < teacher_positions  # the shorter text's padding is not read
+    assert head_rows == [kept, teacher_positions]
+    assert torch.equal(narrowed.logit_mask, whole.logit_mask)
+    assert torch.equal(narrowed.top_k.values, whole.top_k.values)
+    assert torch.equal(narrowed.top_k.index, whole.top_k.index)

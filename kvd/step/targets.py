@@ -114,6 +114,31 @@ class TeacherTargets:
         return self.dense_logits()
 
 
+@dataclass(frozen=True)
+class MappedRows:
+    """Where a mapped teacher's logits are read (host tensors): index [B, Ts] long, the flat
+    teacher position b * Tt + t each student position reads (`next_token_alignment`); keep
+    [B, Ts] bool, the positions a logit loss reads (both tokenisations end there, not padding);
+    flat [N] long, index[keep] (row-major): the teacher positions the LM head runs on; local
+    [B, Ts] long, each kept position's row in the head's [N, Vt] output (0 elsewhere)."""
+
+    index: torch.Tensor
+    keep: torch.Tensor
+    flat: torch.Tensor
+    local: torch.Tensor
+
+    @staticmethod
+    def of(student: TokenBatch, teacher: TokenBatch) -> MappedRows:
+        nt = next_token_alignment(student, teacher)
+        b, tt = teacher.input_ids.shape
+        index = nt.index[..., 0] + torch.arange(b)[:, None] * tt
+        keep = nt.mask & student.attention_mask.bool()
+        flat = index[keep]
+        local = torch.zeros_like(index)
+        local[keep] = torch.arange(len(flat))
+        return MappedRows(index, keep, flat, local)
+
+
 def sequence_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL per row: logits [B, T, V], ids [B, T], mask [B, T] -> [B]."""
     valid = mask[:, 1:] & mask[:, :-1]
@@ -138,9 +163,9 @@ def teacher_targets(
     want_kv=False (no loss reads K/V) records, un-rotates and aligns none. head (the teacher's,
     checked to give its logits): give wanted logits as hidden states, their alignment and this
     head (the compact form; see TeacherTargets), the LM head skipped unless CE needs it. A
-    teacher with a vocabulary map
-    gives its logits at `next_token_alignment`'s positions, mapped onto the student's
-    vocabulary and kept to the map's top k."""
+    teacher with a vocabulary map gives its logits at `next_token_alignment`'s positions,
+    mapped onto the student's vocabulary and kept to the map's top k; its LM head runs only on
+    the positions a logit loss reads (MappedRows), unless CE needs all of them."""
     if teacher.loaded is None:
         raise RuntimeError(f"teacher {teacher.id!r} is not loaded (targets come from the cache)")
     with phase("teacher/tokenize"):
@@ -152,6 +177,9 @@ def teacher_targets(
     model = teacher.loaded.model
     mapped = want_logits and teacher.vocab is not None
     as_hidden = want_logits and head is not None and not mapped
+    kept: MappedRows | None = None
+    if mapped and not want_ce:  # the LM head runs only on the rows the map reads
+        kept = MappedRows.of(student, batch)
     with phase("teacher/forward"):
         cap = capture_kv(
             model,
@@ -159,6 +187,7 @@ def teacher_targets(
             mask,
             layers=teacher.plan.teacher_layers if want_kv else [],
             logits=want_ce or (want_logits and not as_hidden),
+            rows=None if kept is None else kept.flat.to(device),
             hidden=as_hidden,
         )
     with phase("teacher/unrotate"):
@@ -185,12 +214,11 @@ def teacher_targets(
         valid = alignment.mask.to(device) & real
         if mapped:
             assert cap.logits is not None and teacher.vocab is not None
-            nt = next_token_alignment(student, batch)
-            b, tt = cap.logits.shape[:2]
-            rows = nt.index[..., 0].to(device) + torch.arange(b, device=device)[:, None] * tt
-            keep = nt.mask & student.attention_mask.bool()  # on the host: no device read
-            top = teacher.vocab.top_k(cap.logits, rows, keep)  # [B, Ts, k]: row b*Tt+t
-            logit_mask = keep.to(device)
+            rows_of = kept or MappedRows.of(student, batch)
+            rows = rows_of.local if kept is not None else rows_of.index
+            # [B, Ts, k]: logits rows `rows` (of [N, Vt] made for the kept rows, or [B*Tt, Vt])
+            top = teacher.vocab.top_k(cap.logits, rows.to(device), rows_of.keep)
+            logit_mask = rows_of.keep.to(device)
             return TeacherTargets(out_k, out_v, valid, None, ce, top_k=top, logit_mask=logit_mask)
         if not as_hidden:  # cap.hidden is None too
             return TeacherTargets(out_k, out_v, valid, logits, ce)
