@@ -41,6 +41,7 @@ from kvd.data.packing import BatchStream
 from kvd.data.tokenize import tokenize
 from kvd.modeling.capture import capture_kv
 from kvd.modeling.nll import IGNORE
+from kvd.run.rundir import cpu_model
 from kvd.run.train import Trainer
 from kvd.spec.runspec import parse_spec
 
@@ -489,13 +490,7 @@ def machine() -> dict[str, str]:
     """Where and with what the numbers were measured."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     preload = os.environ.get("LD_PRELOAD", "")
     return {

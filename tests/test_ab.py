@@ -16,11 +16,11 @@ from kvd.core.errors import KvdError
 from kvd.data import SplitManifest, write_manifest
 from kvd.data.tokenize import tokenize
 from kvd.losses.kv import KVMSELoss
-from kvd.run.rundir import code_version, read_metrics
+from kvd.run.rundir import code_version, cpu_model, environment, read_metrics
 from kvd.sources.build import load_model
 from kvd.spec.runspec import parse_spec
 from kvd.step.distill import kv_parts
-from kvd.study.ab import plan, version_label
+from kvd.study.ab import machine_label, plan, version_label
 from tests.specs import local_mc_task, tiny_spec
 
 SMALL_DATA = {"name": "stdlib", "seq_len": 48, "tasks": ["module_doc"]}  # quick to build
@@ -111,6 +111,9 @@ def test_quickstart_experiment_end_to_end(finished: Path) -> None:
     assert {r["group"] for r in against["paired"]} >= {"ce_only", "multi"}
     here = version_label(code_version())  # the code every run trained on, commit and dirty
     assert list(facts["code"]) == [here] and f"every run trained on kvd `{here}`" in text
+    machine = machine_label(environment())  # and the machine, which rounds its own way
+    assert list(facts["machines"]) == [machine] and machine.startswith(cpu_model())
+    assert f"Machine: every run trained on `{machine}`" in text
 
 
 def test_a_test_half_report_reuses_the_runs_and_scores_only_that_half(
@@ -441,12 +444,20 @@ def test_a_same_seed_rerun_reproduces_the_run_within_the_tolerance(
     assert rerun.name.startswith("multi-seed0-") and (rerun / "eval" / "validation.json").exists()
     data = json.loads(original)
     data["validation"]["bits_per_byte"] *= 1.001
+    env_file = results.parent / "environment.json"
+    env_text = env_file.read_text()
+    env = json.loads(env_text)
+    env["cpu"] = {"model": "Another CPU", "capability": "AVX2"}
     try:
         results.write_text(json.dumps(data))
+        env_file.write_text(json.dumps(env))
         assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:0"]) == 1
-        assert "bits_per_byte" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "bits_per_byte" in out
+        assert "multi:0 trained on Another CPU (AVX2), this rerun on " in " ".join(out.split())
     finally:
         results.write_text(original)
+        env_file.write_text(env_text)
     assert main(["ab", exp, "--min-seeds", "2", "--rerun", "multi:7"]) == 2
 
 

@@ -137,9 +137,22 @@ def environment() -> dict[str, Any]:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         or ["cpu"],
         "threads": torch.get_num_threads(),
+        "cpu": {"model": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()},
         "plugins": {name: f"{i.package} {i.version}" for name, i in sorted(plugins.info.items())},
         "code": code_version(),
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows. Runs on another
+    CPU kind compute the same math with other kernels: floating point differs at the last bits,
+    so a bit-level reproduction holds only on the same kind (with the same capability)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def code_version() -> dict[str, Any] | None:

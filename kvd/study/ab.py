@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,6 +531,16 @@ def rerun(p: ExperimentPlan, which: str, console: Console) -> list[str]:
     harness = p.experiment.lm_eval
     if harness is not None and (run.dir / "eval" / f"{HARNESS_NAME}.json").is_file():
         harness.score(target, p, run.spec.training.device)
+    was, now = (
+        machine_label(json.loads((d / "environment.json").read_text(encoding="utf-8")))
+        for d in (run.dir, target)
+    )
+    if was != now:
+        console.print(
+            f"note: {which} trained on {was}, this rerun on {now}: another kind of machine "
+            "rounds differently, so the tolerance holds only on the run's own kind",
+            markup=False,
+        )
     return differences(
         [load_run(run.dir, p.eval_name), load_run(target, p.eval_name)], p.experiment.tolerance
     )
@@ -558,25 +569,37 @@ def describe(p: ExperimentPlan) -> dict[str, Any]:
         "tokens": tokens,
         "equal_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "runs_dir": str(p.runs_dir),
-        "code": run_code_versions(p),
+        "code": runs_by(p, lambda env: version_label(env.get("code"))),
+        "machines": runs_by(p, machine_label),
         "report_code": code_version(),
     }
 
 
-def run_code_versions(p: ExperimentPlan) -> dict[str, list[str]]:
-    """The code version each run trained on (from its environment.json) -> the runs' dirs:
-    `<commit>` or `<commit> (dirty)`, `unknown` when not recorded (not a git checkout)."""
+def runs_by(p: ExperimentPlan, label: Callable[[dict[str, Any]], str]) -> dict[str, list[str]]:
+    """The runs' dirs by `label` of their environment.json (code version, machine)."""
     out: dict[str, list[str]] = {}
     for run in p.runs:
         env = json.loads((run.dir / "environment.json").read_text(encoding="utf-8"))
-        out.setdefault(version_label(env.get("code")), []).append(str(run.dir))
+        out.setdefault(label(env), []).append(str(run.dir))
     return out
 
 
 def version_label(code: dict[str, Any] | None) -> str:
+    """`<commit>` or `<commit> (dirty)`, `unknown` when not recorded (not a git checkout)."""
     if code is None:
         return "unknown"
     return f"{code['commit'][:12]}{' (dirty)' if code['dirty'] else ''}"
+
+
+def machine_label(env: dict[str, Any]) -> str:
+    """The CPU a run trained on, `MODEL (CAPABILITY)`, plus its GPUs if any; `unknown` for
+    runs from before kvd recorded it."""
+    cpu = env.get("cpu")
+    if cpu is None:
+        return "unknown"
+    label = f"{cpu['model']} ({cpu['capability']})"
+    gpus = [d for d in env.get("devices", []) if d != "cpu"]
+    return f"{label} + {', '.join(gpus)}" if gpus else label
 
 
 def code_line(facts: dict[str, Any]) -> str:
@@ -590,6 +613,23 @@ def code_line(facts: dict[str, Any]) -> str:
     return (
         f"Code: **the runs trained on {len(versions)} versions of kvd** ({shown}; the run "
         f"dirs are listed in compare.json); this report was written by `{report}`."
+    )
+
+
+def machine_line(facts: dict[str, Any]) -> str:
+    """Which machines the runs trained on: a same-seed rerun reproduces bit for bit only on
+    the same kind (other kernels round differently)."""
+    machines = facts["machines"]
+    if len(machines) == 1:
+        (label,) = machines
+        return (
+            f"Machine: every run trained on `{label}`; a same-seed rerun reproduces these "
+            "numbers within the experiment's tolerance on that kind of machine only."
+        )
+    shown = "; ".join(f"`{m}`: {len(dirs)} runs" for m, dirs in machines.items())
+    return (
+        f"Machine: **the runs trained on more than one kind of machine, or some did not record "
+        f"it** ({shown}): a same-seed rerun reproduces a run bit for bit only on its own kind."
     )
 
 
@@ -622,6 +662,8 @@ def intro(facts: dict[str, Any]) -> str:
         scored_line(facts.get("eval_part", "all")),
         "",
         code_line(facts),
+        "",
+        machine_line(facts),
         "",
         "| group | `--set` overrides of the base spec | tokens per run (by seed) |",
         "|---|---|---|",
