@@ -223,3 +223,9 @@ def gemma3_gguf(teacher_cache: Path) -> Path:
 
 
 # --- end of model geometry and source fixtures ----------------------------------------------------
+
+
+def cache_entries(folder: Path) -> list[Path]:
+    """The entries of a kvd cache folder, without the hidden lock files and temporaries beside
+    them (kvd.core.files: `.NAME.lock`, `.tmp-*`)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))

@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoConfig
 
 from kvd.run.rundir import read_metrics
-from tests.conftest import write_tiny_gguf
+from tests.conftest import cache_entries, write_tiny_gguf
 from tests.specs import tiny_spec
 
 TOLERANCE = 0.005
@@ -313,4 +313,4 @@ def test_one_process_per_node_converts_a_gguf_teacher_while_the_other_waits(
     assert (tmp_path / "done-rank0").is_file() and (tmp_path / "done-rank1").is_file()
     spans = {r: json.loads((tmp_path / f"convert-rank{r}.json").read_text()) for r in (0, 1)}
     assert len(spans[0]) == 1 and spans[1] == []
-    assert len(list((cache / "gguf").iterdir())) == 1
+    assert len(cache_entries(cache / "gguf")) == 1

@@ -24,7 +24,7 @@ from kvd.sources.resolve import resolve_model
 from kvd.sources.tiny import TinySource
 from kvd.spec.geometry import FULL, SLIDING
 from kvd.spec.gguf_header import read_gguf
-from tests.conftest import gguf_reference_model, write_tiny_gguf
+from tests.conftest import cache_entries, gguf_reference_model, write_tiny_gguf
 from tests.specs import STUDENT, tiny_spec
 
 CPU = torch.device("cpu")
@@ -220,7 +220,7 @@ def test_atomic_path_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
 def test_gguf_source_converts_once_into_the_cache(tiny_gguf: Path, kvd_cache: Path) -> None:
     source = GgufSource(GgufSource.Config(path=str(tiny_gguf)))
     loaded = source.load(device=CPU, dtype=torch.float32)
-    (model_dir,) = (kvd_cache / "gguf").iterdir()
+    (model_dir,) = cache_entries(kvd_cache / "gguf")
     assert (model_dir / "kvd-gguf.json").exists() and (model_dir / "model.safetensors").exists()
     stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
     assert converted_dir(tiny_gguf) == model_dir
@@ -231,6 +231,43 @@ def test_gguf_source_converts_once_into_the_cache(tiny_gguf: Path, kvd_cache: Pa
         assert torch.equal(loaded.model(ids).logits, direct)
     assert loaded.geometry == source.geometry()
     assert loaded.tokenizer("ab")["input_ids"][-1] == 256  # the merge "a b"
+
+
+def test_two_processes_at_once_convert_a_gguf_once(tmp_path: Path) -> None:
+    """Two processes (two `kvd train` on one machine, or nodes sharing a cache) that need the
+    same GGUF converted at the same moment: one converts, the other waits for it, says so, and
+    loads its copy; without the lock both converted (each holding the dequantised weights)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gguf = write_tiny_gguf(tmp_path / "teacher.gguf")
+    env = dict(os.environ, KVD_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    root = Path(__file__).parent.parent
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.convert_once", str(gguf), str(tmp_path), name],
+            cwd=root,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"{n}.ready").exists() for n in "ab"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    (tmp_path / "go").touch()  # both call converted_dir now
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    found = [json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab"]
+    assert sorted(f["conversions"] for f in found) == [0, 1]
+    assert found[0]["dir"] == found[1]["dir"]
+    waited = [e for e in errors if "waiting for another process that is converting" in e]
+    assert len(waited) == 1 and "teacher.gguf" in waited[0]
+    assert cache_entries(tmp_path / "cache" / "gguf") == [Path(found[0]["dir"])]
 
 
 def test_gguf_conversion_in_shards_keeps_the_exact_weights(
@@ -284,7 +321,7 @@ def test_every_teacher_converts_before_any_teacher_loads(
         ("load", "a.gguf"),
         ("load", "b.gguf"),
     ]
-    assert len(list((kvd_cache / "gguf").iterdir())) == 2
+    assert len(cache_entries(kvd_cache / "gguf")) == 2
 
 
 # --- real teachers ------------------------------------------------------------------------------

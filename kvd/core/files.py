@@ -4,10 +4,12 @@ the previous version, if any, stays as it was)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +36,25 @@ def atomic_path(target: Path, *, directory: bool) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(target: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `.TARGET.lock` beside `target` while the block runs, so that
+    processes building the same cache entry take turns: on one machine, and across nodes where
+    their shared file system supports flock. The block should check again whether `target` was
+    made meanwhile. A process that has to wait says so on stderr, naming `what`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kvd: waiting for another process that is {what}", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, text: str) -> None:

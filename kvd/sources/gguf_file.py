@@ -14,7 +14,7 @@ import torch
 
 from kvd.core.component import ComponentConfig
 from kvd.core.errors import KvdError
-from kvd.core.files import atomic_path
+from kvd.core.files import atomic_path, exclusive
 from kvd.sources.cache import cache_dir, sha256_file
 from kvd.sources.hf import load_tokenizer_dir
 from kvd.sources.paths import local_path
@@ -74,10 +74,14 @@ def converted_dir(path: Path) -> Path:
     target = cache_dir() / "gguf" / digest
     if (target / MARKER).exists():
         return target
-    with atomic_path(target, directory=True) as work:
-        write_converted(path, work)
-        gguf_tokenizer(path).save_pretrained(str(work))
-        (work / MARKER).write_text(json.dumps({"source": str(path), "sha256": digest}, indent=2))
+    with exclusive(target, f"converting {path.name}"):
+        if (target / MARKER).exists():  # converted while this process waited
+            return target
+        with atomic_path(target, directory=True) as work:
+            write_converted(path, work)
+            gguf_tokenizer(path).save_pretrained(str(work))
+            marker = {"source": str(path), "sha256": digest}
+            (work / MARKER).write_text(json.dumps(marker, indent=2))
     return target
 
 

