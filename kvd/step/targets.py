@@ -177,9 +177,8 @@ def teacher_targets(
     model = teacher.loaded.model
     mapped = want_logits and teacher.vocab is not None
     as_hidden = want_logits and head is not None and not mapped
-    kept: MappedRows | None = None
-    if mapped and not want_ce:  # the LM head runs only on the rows the map reads
-        kept = MappedRows.of(student, batch)
+    read = MappedRows.of(student, batch) if mapped else None
+    narrow = read is not None and not want_ce  # the LM head only on the rows the map reads
     with phase("teacher/forward"):
         cap = capture_kv(
             model,
@@ -187,7 +186,7 @@ def teacher_targets(
             mask,
             layers=teacher.plan.teacher_layers if want_kv else [],
             logits=want_ce or (want_logits and not as_hidden),
-            rows=None if kept is None else kept.flat.to(device),
+            rows=read.flat.to(device) if read is not None and narrow else None,
             hidden=as_hidden,
         )
     with phase("teacher/unrotate"):
@@ -213,12 +212,10 @@ def teacher_targets(
         real = student.attention_mask.to(device)
         valid = alignment.mask.to(device) & real
         if mapped:
-            assert cap.logits is not None and teacher.vocab is not None
-            rows_of = kept or MappedRows.of(student, batch)
-            rows = rows_of.local if kept is not None else rows_of.index
-            # [B, Ts, k]: logits rows `rows` (of [N, Vt] made for the kept rows, or [B*Tt, Vt])
-            top = teacher.vocab.top_k(cap.logits, rows.to(device), rows_of.keep)
-            logit_mask = rows_of.keep.to(device)
+            assert cap.logits is not None and teacher.vocab is not None and read is not None
+            rows = read.local if narrow else read.index  # into [N, Vt], or [B * Tt, Vt]
+            top = teacher.vocab.top_k(cap.logits, rows.to(device), read.keep)  # [B, Ts, k]
+            logit_mask = read.keep.to(device)
             return TeacherTargets(out_k, out_v, valid, None, ce, top_k=top, logit_mask=logit_mask)
         if not as_hidden:  # cap.hidden is None too
             return TeacherTargets(out_k, out_v, valid, logits, ce)
