@@ -504,3 +504,17 @@ def test_a_run_measures_the_same_memory_alone_and_inside_a_grid(tmp_path: Path) 
     # and leaves none of it behind. One-sided: on a loaded machine a run's peak RSS has come
     # out up to 1.5x higher by itself than in the grid (993 vs 642 MB), never the reverse
     assert in_grid <= 1.15 * by_itself
+
+
+def test_the_report_names_the_machines_its_runs_trained_on() -> None:
+    """One kind: named, with the reproduction caveat; several, or a run that did not record
+    its CPU: said plainly; none recorded: not guessed."""
+    from kvd.study.ab import machine_line
+
+    intel = machine_label({"cpu": {"model": "Intel Xeon", "capability": "AVX512"}})
+    assert intel == "Intel Xeon (AVX512)"
+    one = machine_line({"machines": {intel: ["a", "b"]}})
+    assert "every run trained on `Intel Xeon (AVX512)`" in one
+    two = machine_line({"machines": {intel: ["a"], "unknown": ["b"]}})
+    assert "more than one kind of machine" in two and "`unknown`: 1 runs" in two
+    assert "not recorded" in machine_line({"machines": {"unknown": ["a"]}})

@@ -620,6 +620,8 @@ def machine_line(facts: dict[str, Any]) -> str:
     """Which machines the runs trained on: a same-seed rerun reproduces bit for bit only on
     the same kind (other kernels round differently)."""
     machines = facts["machines"]
+    if list(machines) == ["unknown"]:
+        return "Machine: not recorded (the runs trained before kvd recorded its CPU)."
     if len(machines) == 1:
         (label,) = machines
         return (
