@@ -112,6 +112,21 @@ def step(
     return model(batch.input_ids, batch.attention_mask, targets, torch.tensor([0, 1]))
 
 
+def logit_targets(runtime: TeacherRuntime, batch: Any, rope: RopeAligner, *, want_ce: bool) -> Any:
+    """The teacher's targets for TEXTS with its logits, through the soft token aligner."""
+    cls, cfg = component("aligners", "soft")
+    return teacher_targets(
+        runtime,
+        TEXTS,
+        batch,
+        token_aligner=cls(cfg),
+        rope=rope,
+        want_logits=True,
+        want_ce=want_ce,
+        device=torch.device("cpu"),
+    )
+
+
 @pytest.mark.parametrize("token_aligner", ["soft", "hard", "resample", "segment_resample"])
 @pytest.mark.parametrize("rope", ["unrotate", "none"])
 @pytest.mark.parametrize("layers", ["uniform", "explicit", "cka"])
@@ -180,22 +195,9 @@ def test_lm_head_on_real_tokens_only_changes_nothing() -> None:
     losses = [("ce", {}), ("kv_mse", {}), ("uld", {}), ("logit_kd", {"temperature": 2.0})]
     model, runtimes, rope = build(student, teachers, losses=losses)
     model.loss_terms[3].teachers = ["llama"]  # logit_kd needs the student's vocabulary size
-    cls, cfg = component("aligners", "soft")
     batch = tokenize(student.tokenizer, TEXTS)
     assert not batch.attention_mask.all()  # the shorter text is padded
-    targets = {
-        tid: teacher_targets(
-            r,
-            TEXTS,
-            batch,
-            token_aligner=cls(cfg),
-            rope=rope,
-            want_logits=True,
-            want_ce=False,
-            device=torch.device("cpu"),
-        )
-        for tid, r in runtimes.items()
-    }
+    targets = {tid: logit_targets(r, batch, rope, want_ce=False) for tid, r in runtimes.items()}
     results = []
     for real_only in (True, False):
         model.real_token_head = real_only
@@ -340,20 +342,7 @@ def test_a_mapped_teacher_runs_its_head_only_on_the_rows_its_map_reads() -> None
     hook = teacher.model.get_output_embeddings().register_forward_hook(
         lambda _m, _a, out: head_rows.append(out.shape[:-1].numel())
     )
-    soft_cls, soft_cfg = component("aligners", "soft")
-    found = [
-        teacher_targets(
-            runtime,
-            TEXTS,
-            batch,
-            token_aligner=soft_cls(soft_cfg),
-            rope=rope,
-            want_logits=True,
-            want_ce=want_ce,
-            device=torch.device("cpu"),
-        )
-        for want_ce in (False, True)
-    ]
+    found = [logit_targets(runtime, batch, rope, want_ce=want_ce) for want_ce in (False, True)]
     hook.remove()
     narrowed, whole = found
     assert narrowed.top_k is not None and whole.top_k is not None
